@@ -1,0 +1,71 @@
+"""The ``wsltool`` command line: thin sub-commands that parse arguments and call one core function.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``; the heavy imports
+(torch, the model, dask) happen inside the command's function, so ``wsltool --help`` and
+``wsltool info`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from wsltool import __version__
+from wsltool.errors import WslError
+
+log = logging.getLogger(__name__)
+
+#: Sub-command modules, in the order ``--help`` lists them.
+COMMANDS = ("info", "train", "eval", "infer", "export", "cohort")
+
+
+def setup_logging(verbosity: int) -> None:
+    """Configure logging for the CLI only (the library never touches the root logger)."""
+    level = logging.WARNING - 10 * verbosity
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every available sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="wsltool",
+        description="Weakly supervised pixel-level localization of malignancy in whole-slide images.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsltool {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"wsltool.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"wsltool.cli.{name}":
+                continue  # command not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``wsltool`` command; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except WslError as exc:
+        print(f"wsltool {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"wsltool {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from wsltool.cli import main
+
+sys.exit(main())

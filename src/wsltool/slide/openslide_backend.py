@@ -1,0 +1,94 @@
+"""OpenSlide backend: vendor formats (Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, DICOM...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from wsltool.errors import SlideFormatError, SlideReadError
+from wsltool.slide.base import Slide, SlideMetadata
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def detect_format(path: Path) -> str | None:
+    """OpenSlide's format name for ``path`` (``aperio``, ``generic-tiff``...), or ``None``."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # openslide raises various errors on unreadable files
+        return None
+
+
+class OpenSlideSlide(Slide):
+    """A slide read through openslide-python (with the bundled openslide-bin library)."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideFormatError(path, "not a slide format OpenSlide can read") from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideFormatError(path, f"corrupt or truncated slide ({exc})") from exc
+        props = dict(self._osr.properties)
+        mx = _float(props.get(openslide.PROPERTY_NAME_MPP_X))
+        my = _float(props.get(openslide.PROPERTY_NAME_MPP_Y))
+        fmt = props.get(openslide.PROPERTY_NAME_VENDOR) or detect_format(path) or "unknown"
+        meta = SlideMetadata(
+            format=detect_format(path) or fmt,
+            vendor=fmt,
+            level_dimensions=tuple(tuple(map(int, d)) for d in self._osr.level_dimensions),  # type: ignore[misc]
+            level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+            mpp=(mx, my if my is not None else mx) if mx is not None else None,
+            objective_power=_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
+            properties=props,
+            associated=tuple(self._osr.associated_images.keys()),
+        )
+        super().__init__(path, meta, mpp)
+        try:  # touch the first tile of the coarsest level so truncated files fail at open time
+            lvl = self.level_count - 1
+            self._read_level(lvl, 0, 0, 1, 1)
+        except SlideReadError as exc:
+            self.close()
+            raise SlideFormatError(path, f"corrupt or truncated slide ({exc.problem})") from exc
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        import openslide
+
+        ds = self.level_downsamples[level]
+        try:
+            img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(self.path, f"cannot read pixels at level {level} ({exc})") from exc
+        rgba = np.asarray(img)
+        alpha = rgba[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgba[..., :3])
+        # transparent where the scanner stored nothing: composite onto white glass
+        a = alpha.astype(np.float32) / 255.0
+        rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+    def read_associated(self, name: str) -> np.ndarray:
+        """Return an associated image (``label``, ``macro``, ``thumbnail``) as RGB uint8."""
+        if name not in self._osr.associated_images:
+            return super().read_associated(name)
+        return np.asarray(self._osr.associated_images[name].convert("RGB"))
+
+    def close(self) -> None:
+        """Close the OpenSlide handle."""
+        osr = getattr(self, "_osr", None)
+        if osr is not None:
+            osr.close()
+            self._osr = None  # type: ignore[assignment]
