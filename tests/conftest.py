@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torchvision  # noqa: F401  (see module docstring)
-
 import numpy as np
 import pytest
+import torchvision  # noqa: F401  (see module docstring)
 
 from wsltool.testing import SyntheticContent, he_tissue, write_generic_tiff, write_ome_tiff, write_svs
 

@@ -36,17 +36,25 @@ def test_napari_lists_plugin() -> None:
 
 
 def _import_blocked(code: str, blocked: list[str]) -> subprocess.CompletedProcess[str]:
-    prog = (
-        "import sys\n"
-        f"for m in {blocked!r}: sys.modules[m] = None\n"
-        f"{code}\n"
-    )
+    prog = f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n{code}\n"
     return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
 
 
-CORE = ["wsltool", "wsltool.errors", "wsltool.config", "wsltool.slide", "wsltool.slide.base",
-        "wsltool.slide.openslide_backend", "wsltool.slide.tiff_backend", "wsltool.slide.image_backend",
-        "wsltool.tissue", "wsltool.tiling", "wsltool.store", "wsltool.cli", "wsltool.testing"]
+CORE = [
+    "wsltool",
+    "wsltool.errors",
+    "wsltool.config",
+    "wsltool.slide",
+    "wsltool.slide.base",
+    "wsltool.slide.openslide_backend",
+    "wsltool.slide.tiff_backend",
+    "wsltool.slide.image_backend",
+    "wsltool.tissue",
+    "wsltool.tiling",
+    "wsltool.store",
+    "wsltool.cli",
+    "wsltool.testing",
+]
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -71,14 +79,19 @@ def test_slide_reading_without_torch(real_svs: Path) -> None:
 
 def test_only_plugin_imports_qt() -> None:
     r = subprocess.run(
-        [sys.executable, "-c",
-         "import sys, pkgutil, importlib, wsltool\n"
-         "bad = []\n"
-         "for m in pkgutil.walk_packages(wsltool.__path__, 'wsltool.'):\n"
-         "    if m.name.startswith('wsltool.napari_plugin'): continue\n"
-         "    importlib.import_module(m.name)\n"
-         "qt = [k for k in sys.modules if k.split('.')[0] in ('qtpy','PyQt5','PyQt6','PySide6','napari','magicgui')]\n"
-         "assert not qt, qt\n"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, pkgutil, importlib, wsltool\n"
+            "bad = []\n"
+            "for m in pkgutil.walk_packages(wsltool.__path__, 'wsltool.'):\n"
+            "    if m.name.startswith('wsltool.napari_plugin'): continue\n"
+            "    importlib.import_module(m.name)\n"
+            "gui = ('qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari', 'magicgui')\n"
+            "qt = [k for k in sys.modules if k.split('.')[0] in gui]\n"
+            "assert not qt, qt\n",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr

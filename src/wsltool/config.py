@@ -201,3 +201,174 @@ class TilingConfig:
     def stride(self) -> int:
         """Step between region origins, in pixels at ``mpp``."""
         return self.region - self.overlap
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The localizer/classifier model (method.md).  Defaults are wsltool's measured GlaS default.
+
+    Parameters
+    ----------
+    method
+        ``"minmax"`` (min-max entropy), ``"wildcat"`` or ``"cam"`` (baselines).
+    backbone
+        Registry name (``efficientnet_lite0``, ``resnet18/34/50/101``).
+    pretrained
+        ``"imagenet"`` (shipped weights, efficientnet_lite0 only), ``"none"`` or a state_dict file path.
+    output_stride
+        Backbone output stride: 16 or 32.
+    num_classes
+        Number of image classes.
+    modalities, kmax, kmin, alpha, head_dropout
+        WILDCAT head (M maps per class, top-kmax + alpha * bottom-kmin pooling, dropout on sorted activations).
+    w, sigma
+        Pseudo-binary mask ``sigmoid(w (M+ - sigma))``.
+    cls_scale
+        Scale of X+ / X- for the classifier.
+    detach_mask
+        Detach M+ before masking (2019 paper code) or let the classifier losses reach the localizer (TMI).
+    size_prior
+        ``"none"``, ``"absolute"`` (TMI: both regions non-empty) or ``"range"`` (area in [area_min, area_max]).
+    area_min, area_max
+        Bounds of the ``"range"`` size prior (area fraction of the soft mask).
+    erase_passes, erase_sigma, erase_start
+        Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
+    bn_mode
+        ``"train"``: BatchNorm statistics from every pass (X, X+, X-, as the paper code);
+        ``"masked_running"``: X+ / X- passes use the running statistics of X and do not update them;
+        ``"frozen"``: every BatchNorm layer stays in eval mode (pretrained statistics).
+    threshold
+        Threshold of the normalised M+ for the pixel mask at inference.
+    mean, std
+        Input normalisation (pixels in [0, 1]); empty = the backbone's default.
+    """
+
+    method: typing.Literal["minmax", "wildcat", "cam"] = "minmax"
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    output_stride: int = 16
+    num_classes: int = 2
+    modalities: int = 5
+    kmax: float = 0.3
+    kmin: float = 0.0
+    alpha: float = 0.0
+    head_dropout: float = 0.1
+    w: float = 5.0
+    sigma: float = 0.15
+    cls_scale: float = 0.5
+    detach_mask: bool = False
+    size_prior: typing.Literal["none", "absolute", "range"] = "range"
+    area_min: float = 0.3
+    area_max: float = 0.7
+    erase_passes: int = 0
+    erase_sigma: float = 10.0
+    erase_start: int = 1
+    bn_mode: typing.Literal["train", "masked_running", "frozen"] = "masked_running"
+    threshold: float = 0.5
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.output_stride in (16, 32), f"ModelConfig.output_stride must be 16 or 32, got {self.output_stride}")
+        _check(self.num_classes >= 2, f"ModelConfig.num_classes must be >= 2, got {self.num_classes}")
+        _check(self.modalities >= 1, f"ModelConfig.modalities must be >= 1, got {self.modalities}")
+        _check(self.kmax > 0, f"ModelConfig.kmax must be > 0, got {self.kmax}")
+        _check(self.kmin >= 0, f"ModelConfig.kmin must be >= 0, got {self.kmin}")
+        _check(0 <= self.head_dropout < 1, f"ModelConfig.head_dropout must be in [0, 1), got {self.head_dropout}")
+        _check(self.w > 0, f"ModelConfig.w must be > 0, got {self.w}")
+        _check(0 < self.cls_scale <= 1, f"ModelConfig.cls_scale must be in (0, 1], got {self.cls_scale}")
+        _check(0 <= self.area_min < self.area_max <= 1,
+               f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}")
+        _check(self.erase_passes >= 0, f"ModelConfig.erase_passes must be >= 0, got {self.erase_passes}")
+        _check(self.erase_sigma > 0, f"ModelConfig.erase_sigma must be > 0, got {self.erase_sigma}")
+        _check(0 < self.threshold < 1, f"ModelConfig.threshold must be in (0, 1), got {self.threshold}")
+        _check(len(self.mean) in (0, 3) and len(self.std) in (0, 3) and len(self.mean) == len(self.std),
+               "ModelConfig.mean/std must both be empty or both have 3 values")
+        _check(all(s > 0 for s in self.std), "ModelConfig.std values must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Image-level training.
+
+    Parameters
+    ----------
+    epochs
+        Number of epochs.
+    batch_size
+        Images per minibatch.
+    crop
+        Side of the random training crops (reflect-padded when the image is smaller).
+    optimizer
+        ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
+    lr, weight_decay, momentum
+        Optimiser settings.
+    backbone_lr_mult
+        Learning-rate multiplier of the (pretrained) backbone.
+    schedule
+        ``"cosine"``, ``"step"`` (x gamma every step_epochs) or ``"constant"``.
+    step_epochs, gamma
+        Step schedule.
+    warmup_epochs
+        Linear warm-up epochs.
+    barrier_t0, barrier_growth, barrier_tmax
+        Log-barrier parameter t: t0 at epoch 0, x growth per epoch, capped at tmax.
+    sigma_end
+        Pseudo-binary sigma reached linearly at the last epoch (None: constant ``ModelConfig.sigma``).
+    color_jitter
+        Strength of the H&E colour augmentation (0 = off).
+    seed
+        Random seed (training is reproducible on CPU for a given seed and thread count).
+    num_threads
+        torch CPU threads (0 = torch default).
+    amp
+        Mixed precision (bfloat16/float16 autocast) on CUDA.
+    workers
+        DataLoader worker processes.
+    eval_every
+        Validate every this many epochs (and at the last epoch).
+    """
+
+    epochs: int = 60
+    batch_size: int = 8
+    crop: int = 320
+    optimizer: typing.Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    backbone_lr_mult: float = 0.1
+    schedule: typing.Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = 40
+    gamma: float = 0.1
+    warmup_epochs: int = 1
+    barrier_t0: float = 5.0
+    barrier_growth: float = 1.01
+    barrier_tmax: float = 10.0
+    sigma_end: float | None = None
+    color_jitter: float = 1.0
+    seed: int = 0
+    num_threads: int = 0
+    amp: bool = True
+    workers: int = 0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.crop >= 32, f"TrainConfig.crop must be >= 32, got {self.crop}")
+        _check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.backbone_lr_mult >= 0, f"TrainConfig.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        _check(self.step_epochs >= 1, f"TrainConfig.step_epochs must be >= 1, got {self.step_epochs}")
+        _check(self.barrier_t0 > 0 and self.barrier_tmax >= self.barrier_t0,
+               "TrainConfig.barrier_t0 must be > 0 and <= barrier_tmax")
+        _check(self.color_jitter >= 0, f"TrainConfig.color_jitter must be >= 0, got {self.color_jitter}")
+        _check(self.num_threads >= 0, f"TrainConfig.num_threads must be >= 0, got {self.num_threads}")
+        _check(self.workers >= 0, f"TrainConfig.workers must be >= 0, got {self.workers}")
+        _check(self.eval_every >= 1, f"TrainConfig.eval_every must be >= 1, got {self.eval_every}")
+
+
+#: The 2019 paper settings (min-max entropy, arXiv 1907.12934 and its public code) as a ModelConfig preset.
+PAPER_2019 = {"kmax": 0.09, "kmin": 0.09, "alpha": 0.0, "head_dropout": 0.75, "w": 8.0, "sigma": 0.5,
+              "detach_mask": True, "size_prior": "none", "erase_passes": 4, "erase_start": 1, "bn_mode": "train",
+              "output_stride": 32}

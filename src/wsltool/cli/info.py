@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
         f"vendor:      {info['vendor']}",
         f"dimensions:  {w}x{h}",
         f"levels:      {info['level_count']}: "
-        + ", ".join(f"{a}x{b} (/{d:g})" for (a, b), d in zip(info["level_dimensions"], info["level_downsamples"],
-                                                          strict=True)),
+        + ", ".join(
+            f"{a}x{b} (/{d:g})" for (a, b), d in zip(info["level_dimensions"], info["level_downsamples"], strict=True)
+        ),
         f"mpp:         {mpp_txt}",
         f"objective:   {info['objective_power']:g}x" if info["objective_power"] else "objective:   unknown",
         f"associated:  {', '.join(info['associated_images']) or 'none'}",

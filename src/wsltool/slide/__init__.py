@@ -21,7 +21,16 @@ BACKENDS: tuple[str, ...] = ("openslide", "tifffile", "image")
 #: OpenSlide formats read with OpenSlide (vendor formats, DICOM).  ``generic-tiff`` goes to tifffile,
 #: which also reads SubIFD pyramids and stripped TIFFs that OpenSlide sees as one level or refuses.
 _OPENSLIDE_FORMATS = {
-    "aperio", "hamamatsu", "leica", "mirax", "philips", "sakura", "trestle", "ventana", "dicom", "zeiss",
+    "aperio",
+    "hamamatsu",
+    "leica",
+    "mirax",
+    "philips",
+    "sakura",
+    "trestle",
+    "ventana",
+    "dicom",
+    "zeiss",
     "synthetic",
 }
 

@@ -45,6 +45,20 @@ def check_mpp(value: float | None) -> float | None:
     return v
 
 
+#: Largest accepted level-0 side in pixels (the biggest real slides are ~200k px).
+MAX_SIDE = 2_000_000
+
+
+def check_dimensions(path: str | Path, dims: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
+    """Raise :class:`SlideFormatError` for zero-size or absurd level dimensions."""
+    if not dims:
+        raise SlideFormatError(path, "no image levels")
+    for w, h in dims:
+        if w <= 0 or h <= 0 or w > MAX_SIDE or h > MAX_SIDE:
+            msg = f"absurd slide dimensions {w}x{h} (expected 1..{MAX_SIDE} px per side)"
+            raise SlideFormatError(path, msg)
+
+
 @dataclass
 class SlideMetadata:
     """What a backend found in the file.
@@ -100,10 +114,7 @@ class Slide(ABC):
     def __init__(self, path: Path, meta: SlideMetadata, mpp: float | None = None) -> None:
         self.path = Path(path)
         self.meta = meta
-        w, h = meta.level_dimensions[0]
-        if w <= 0 or h <= 0 or w > 10_000_000 or h > 10_000_000:
-            msg = f"absurd slide dimensions {w}x{h}"
-            raise SlideFormatError(self.path, msg)
+        check_dimensions(self.path, meta.level_dimensions)
         self._file_mpp: float | None = None
         self._file_mpp_raw = meta.mpp
         if meta.mpp is not None:
@@ -194,10 +205,7 @@ class Slide(ABC):
             hint = ""
             if self.objective_power:
                 hint = f" (objective {self.objective_power:g}x suggests about {10.0 / self.objective_power:g})"
-            msg = (
-                f"no usable microns-per-pixel in the file ({why}); give it explicitly with "
-                f"mpp=... / --mpp{hint}"
-            )
+            msg = f"no usable microns-per-pixel in the file ({why}); give it explicitly with mpp=... / --mpp{hint}"
             raise MppError(self.path, msg)
         return v
 

@@ -42,9 +42,7 @@ class ImageSlide(Slide):
         if dpi and dpi[0]:
             file_mpp = (25400.0 / float(dpi[0]), 25400.0 / float(dpi[1] or dpi[0]))
         h, w = arr.shape[:2]
-        meta = SlideMetadata(
-            format=fmt, vendor=fmt, level_dimensions=((w, h),), level_downsamples=(1.0,), mpp=file_mpp
-        )
+        meta = SlideMetadata(format=fmt, vendor=fmt, level_dimensions=((w, h),), level_downsamples=(1.0,), mpp=file_mpp)
         super().__init__(path, meta, mpp)
         self._arr = arr
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from wsltool.errors import SlideFormatError, SlideReadError
-from wsltool.slide.base import Slide, SlideMetadata
+from wsltool.slide.base import Slide, SlideMetadata, check_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class TiffSlide(Slide):
             raise SlideFormatError(path, f"cannot index TIFF levels ({exc})") from exc
         if series.dtype != np.uint8:
             log.info("%s: %s pixels will be rescaled to uint8", path, series.dtype)
+        check_dimensions(path, dims)
         w0 = dims[0][0]
         fmt = "ome-tiff" if self._tf.is_ome else ("aperio-tiff" if self._tf.is_svs else "generic-tiff")
         page0 = self._tf.pages.first
@@ -149,7 +150,9 @@ class TiffSlide(Slide):
         try:
             data = np.asarray(arr[tuple(index)])
         except Exception as exc:  # codec errors (imagecodecs.JpegError...), truncated files
-            raise SlideReadError(self.path, f"cannot decode pixels at level {level} ({type(exc).__name__}: {exc})") from exc
+            raise SlideReadError(
+                self.path, f"cannot decode pixels at level {level} ({type(exc).__name__}: {exc})"
+            ) from exc
         kept = [ax for ax in self._axes if ax in "YXSC"]
         # bring to (Y, X, channels)
         order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "SC"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -127,8 +128,13 @@ def he_tissue(
     # nuclei
     yy, xx = np.mgrid[0:height, 0:width]
 
-    def stamp(mask_region: NDArray[np.bool_], spacing: float, radius: tuple[float, float],
-              color: tuple[float, float, float], jitter: float) -> None:
+    def stamp(
+        mask_region: NDArray[np.bool_],
+        spacing: float,
+        radius: tuple[float, float],
+        color: tuple[float, float, float],
+        jitter: float,
+    ) -> None:
         gy = np.arange(spacing / 2, height, spacing)
         gx = np.arange(spacing / 2, width, spacing)
         cy, cx = np.meshgrid(gy, gx, indexing="ij")
@@ -192,17 +198,27 @@ def write_svs(
         meta += f"|AppMag = {mag:g}"
     if mpp is not None:
         meta += f"|MPP = {mpp:g}"
-    kw: dict[str, object] = dict(_JPEG) if compression == "jpeg" else {"photometric": "rgb", "metadata": None}
+    kw: dict[str, Any] = dict(_JPEG) if compression == "jpeg" else {"photometric": "rgb", "metadata": None}
     big = img.nbytes > 2**31
     with tifffile.TiffWriter(path, bigtiff=big) as tw:
-        tw.write(img, tile=(tile, tile), subfiletype=0,
-                 description=f"{_HDR}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q=85{meta}", **kw)
+        tw.write(
+            img,
+            tile=(tile, tile),
+            subfiletype=0,
+            description=f"{_HDR}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q=85{meta}",
+            **kw,
+        )
         th = downsample(img, max(1, max(h, w) // 512))
         tw.write(th, description=f"{_HDR}{w}x{h} -> {th.shape[1]}x{th.shape[0]} - ", **kw)
         for f in factors:
             lv = downsample(img, f)
-            tw.write(lv, tile=(tile, tile), subfiletype=0,
-                     description=f"{_HDR}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]} JPEG/RGB Q=85", **kw)
+            tw.write(
+                lv,
+                tile=(tile, tile),
+                subfiletype=0,
+                description=f"{_HDR}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]} JPEG/RGB Q=85",
+                **kw,
+            )
         label = np.full((200, 200, 3), 230, np.uint8)
         tw.write(label, subfiletype=1, description=f"{_HDR}label 200x200", **kw)
     return path
@@ -221,13 +237,13 @@ def write_generic_tiff(
     import tifffile
 
     path = Path(path)
-    kw: dict[str, object] = dict(_JPEG) if compression == "jpeg" else {"photometric": "rgb", "metadata": None}
-    res = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    kw: dict[str, Any] = dict(_JPEG) if compression == "jpeg" else {"photometric": "rgb", "metadata": None}
+    res: dict[str, Any] = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(tile, tile), subfiletype=0, **res, **kw)  # type: ignore[arg-type]
+        tw.write(img, tile=(tile, tile), subfiletype=0, **res, **kw)
         for f in factors:
-            r = {} if mpp is None else {"resolution": (1e4 / (mpp * f),) * 2, "resolutionunit": "CENTIMETER"}
-            tw.write(downsample(img, f), tile=(tile, tile), subfiletype=1, **r, **kw)  # type: ignore[arg-type]
+            r: dict[str, Any] = {} if mpp is None else {"resolution": (1e4 / (mpp * f),) * 2, "resolutionunit": "CENTIMETER"}
+            tw.write(downsample(img, f), tile=(tile, tile), subfiletype=1, **r, **kw)
     return path
 
 
@@ -244,14 +260,14 @@ def write_ome_tiff(
     import tifffile
 
     path = Path(path)
-    kw: dict[str, object] = {"photometric": "rgb"}
+    kw: dict[str, Any] = {"photometric": "rgb"}
     if compression == "jpeg":
         kw.update(compression="jpeg", compressionargs={"level": 85})
-    meta: dict[str, object] = {"axes": "YXS"}
+    meta: dict[str, Any] = {"axes": "YXS"}
     if mpp is not None:
         meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
     with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(img, tile=(tile, tile), subifds=len(factors), metadata=meta, **kw)  # type: ignore[arg-type]
+        tw.write(img, tile=(tile, tile), subifds=len(factors), metadata=meta, **kw)
         for f in factors:
-            tw.write(downsample(img, f), tile=(tile, tile), subfiletype=1, metadata=None, **kw)  # type: ignore[arg-type]
+            tw.write(downsample(img, f), tile=(tile, tile), subfiletype=1, metadata=None, **kw)
     return path

