@@ -85,7 +85,7 @@ def test_only_plugin_imports_qt() -> None:
             "import sys, pkgutil, importlib, wsltool\n"
             "bad = []\n"
             "for m in pkgutil.walk_packages(wsltool.__path__, 'wsltool.'):\n"
-            "    if m.name.startswith('wsltool.napari_plugin'): continue\n"
+            "    if m.name.startswith('wsltool.napari_plugin') or m.name.endswith('__main__'): continue\n"
             "    importlib.import_module(m.name)\n"
             "gui = ('qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari', 'magicgui')\n"
             "qt = [k for k in sys.modules if k.split('.')[0] in gui]\n"

@@ -204,6 +204,124 @@ class TilingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InferConfig:
+    """How a slide is turned into a heatmap store.
+
+    Parameters
+    ----------
+    mpp
+        Input resolution; ``None`` takes the checkpoint's training mpp.
+    region
+        Region side in px at ``mpp``; ``None`` takes the checkpoint's input size.
+    overlap
+        Overlap between regions in px at ``mpp``; overlaps are blended with a smooth window.
+    out_factor
+        Output pixel = ``out_factor`` input pixels (``out_mpp = mpp * out_factor``); must divide both
+        the region size and the stride so that regions land on whole output pixels.
+    batch_size
+        Regions per model batch.
+    workers
+        Region reader processes (0 reads in the main process).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
+    amp
+        Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.
+    min_tissue
+        Regions with less tissue than this fraction are skipped.
+    tissue_mpp
+        Resolution of the tissue mask.
+    threshold
+        M+ threshold of the binary mask.
+    top_k
+        Slide score = mean of the ``top_k`` highest region probabilities of each class.
+    """
+
+    mpp: float | None = None
+    region: int | None = None
+    overlap: int = 64
+    out_factor: int = 8
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    min_tissue: float = 0.05
+    tissue_mpp: float = 8.0
+    threshold: float = 0.5
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.mpp is None or 0.05 <= self.mpp <= 100, f"InferConfig.mpp out of range: {self.mpp}")
+        _check(self.region is None or self.region >= 16, f"InferConfig.region must be >= 16, got {self.region}")
+        _check(self.overlap >= 0, f"InferConfig.overlap must be >= 0, got {self.overlap}")
+        _check(self.out_factor >= 1, f"InferConfig.out_factor must be >= 1, got {self.out_factor}")
+        _check(self.batch_size >= 1, f"InferConfig.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.workers >= 0, f"InferConfig.workers must be >= 0, got {self.workers}")
+        _check(0.0 < self.threshold < 1.0, f"InferConfig.threshold must be in (0, 1), got {self.threshold}")
+        _check(self.top_k >= 1, f"InferConfig.top_k must be >= 1, got {self.top_k}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"InferConfig.device must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MilConfig:
+    """Multiple-instance region sampling for training from slide-level labels.
+
+    Every epoch, each training slide's tissue regions are scored by the current model (at most
+    ``score_cap`` per slide, a fresh random subset each epoch); the ``top_k`` regions with the highest
+    positive-class probability are taken from every slide (on positive slides they are the likely
+    lesions; on negative slides they are the hardest negatives), plus ``n_random`` random tissue regions
+    per slide. The first ``warmup_epochs`` take random regions only (the untrained model's ranking is
+    noise). Batches are class-balanced by oversampling.
+
+    Parameters
+    ----------
+    mpp
+        Training resolution (um/px).
+    region
+        Region side in px at ``mpp`` (the model's input size).
+    top_k
+        Top-scored regions per slide per epoch.
+    n_random
+        Random regions per slide per epoch.
+    score_cap
+        Most regions scored per slide per epoch.
+    min_tissue
+        A candidate region must hold at least this tissue fraction.
+    warmup_epochs
+        Epochs with random sampling only.
+    slide_top_k
+        Slide score = mean of the ``slide_top_k`` highest region probabilities (validation, inference).
+    positive_class
+        The class whose evidence is localized (default: the last class name, e.g. ``malignant``).
+    readers
+        Region reader processes.
+    """
+
+    mpp: float = 1.0
+    region: int = 256
+    top_k: int = 4
+    n_random: int = 2
+    score_cap: int = 48
+    min_tissue: float = 0.5
+    warmup_epochs: int = 1
+    slide_top_k: int = 5
+    positive_class: str | None = None
+    readers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0.05 <= self.mpp <= 100, f"MilConfig.mpp out of range: {self.mpp}")
+        _check(self.region >= 32, f"MilConfig.region must be >= 32, got {self.region}")
+        _check(self.top_k >= 0 and self.n_random >= 0 and self.top_k + self.n_random >= 1,
+               "MilConfig.top_k + n_random must be >= 1")
+        _check(self.score_cap >= max(1, self.top_k), "MilConfig.score_cap must be >= top_k")
+        _check(0.0 <= self.min_tissue <= 1.0, f"MilConfig.min_tissue must be in [0, 1], got {self.min_tissue}")
+        _check(self.slide_top_k >= 1, f"MilConfig.slide_top_k must be >= 1, got {self.slide_top_k}")
+        _check(self.readers >= 0, f"MilConfig.readers must be >= 0, got {self.readers}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The localizer/classifier model (method.md).  Defaults are wsltool's measured GlaS default.
 
@@ -216,7 +334,7 @@ class ModelConfig:
     pretrained
         ``"imagenet"`` (shipped weights, efficientnet_lite0 only), ``"none"`` or a state_dict file path.
     output_stride
-        Backbone output stride: 16 or 32.
+        Backbone output stride: 16 or 32 (8 for the ``tiny`` test backbone).
     num_classes
         Number of image classes.
     modalities, kmax, kmin, alpha, head_dropout
@@ -269,7 +387,8 @@ class ModelConfig:
     std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(self.output_stride in (16, 32), f"ModelConfig.output_stride must be 16 or 32, got {self.output_stride}")
+        _check(self.output_stride in (8, 16, 32),
+               f"ModelConfig.output_stride must be 8, 16 or 32, got {self.output_stride}")
         _check(self.num_classes >= 2, f"ModelConfig.num_classes must be >= 2, got {self.num_classes}")
         _check(self.modalities >= 1, f"ModelConfig.modalities must be >= 1, got {self.modalities}")
         _check(self.kmax > 0, f"ModelConfig.kmax must be > 0, got {self.kmax}")

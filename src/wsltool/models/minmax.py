@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from wsltool.config import ModelConfig
@@ -114,8 +114,9 @@ class _Base(nn.Module):
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         return normalize_per_image(m)
 
-    def localize(self, x: torch.Tensor, size: tuple[int, int] | None = None,
-                 autocast: bool = False) -> dict[str, torch.Tensor]:
+    def localize(
+        self, x: torch.Tensor, size: tuple[int, int] | None = None, autocast: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Class probabilities and heatmaps for a batch (inference).
 
         Parameters
@@ -137,8 +138,11 @@ class _Base(nn.Module):
             size = (int(x.shape[-2]), int(x.shape[-1]))
         xn = self.normalize(x)
         dev = xn.device.type
-        ctx = torch.autocast(dev, dtype=torch.float16 if dev == "cuda" else torch.bfloat16) if autocast \
+        ctx = (
+            torch.autocast(dev, dtype=torch.float16 if dev == "cuda" else torch.bfloat16)
+            if autocast
             else contextlib.nullcontext()
+        )
         with ctx:
             scores, maps, probs = self._infer(xn)
         maps = maps.float()
@@ -169,16 +173,18 @@ class BaselineNet(_Base):
         if cfg.method == "cam":
             self.head: nn.Module = CamHead(self.channels, cfg.num_classes)
         else:
-            self.head = WildcatHead(self.channels, cfg.num_classes, cfg.modalities, cfg.kmax, cfg.kmin, cfg.alpha,
-                                    cfg.head_dropout)
+            self.head = WildcatHead(
+                self.channels, cfg.num_classes, cfg.modalities, cfg.kmax, cfg.kmin, cfg.alpha, cfg.head_dropout
+            )
 
     def heads_out(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and class maps of the single head."""
         out: tuple[torch.Tensor, torch.Tensor] = self.head(self.backbone(xn))
         return out
 
-    def training_losses(self, xn: torch.Tensor, y: torch.Tensor, *, epoch: int = 0, barrier_t: float = 5.0,
-                        sigma: float | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self, xn: torch.Tensor, y: torch.Tensor, *, epoch: int = 0, barrier_t: float = 5.0, sigma: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Cross-entropy of the head; returns ``{"total", "loc"}``."""
         scores, _ = self.heads_out(xn)
         loss = ce_loss(scores, y)
@@ -205,8 +211,9 @@ class MinMaxNet(_Base):
         out: tuple[torch.Tensor, torch.Tensor] = self.loc_head(self.backbone(xn))
         return out
 
-    def soft_mask(self, scores: torch.Tensor, maps: torch.Tensor, size: tuple[int, int],
-                  sigma: float | None = None) -> torch.Tensor:
+    def soft_mask(
+        self, scores: torch.Tensor, maps: torch.Tensor, size: tuple[int, int], sigma: float | None = None
+    ) -> torch.Tensor:
         """Pseudo-binary mask ``(B, 1, H, W)`` from the localizer output, at input size ``size``."""
         s = self.cfg.sigma if sigma is None else sigma
         return pseudo_binary(self.mplus(scores, maps, size), self.cfg.w, s)
@@ -214,8 +221,9 @@ class MinMaxNet(_Base):
     def classify(self, xn_masked: torch.Tensor) -> torch.Tensor:
         """Classifier logits on a masked normalised image (resized by ``cls_scale``)."""
         if self.cfg.cls_scale != 1:
-            xn_masked = F.interpolate(xn_masked, scale_factor=self.cfg.cls_scale, mode="bilinear",
-                                      align_corners=False, antialias=False)
+            xn_masked = F.interpolate(
+                xn_masked, scale_factor=self.cfg.cls_scale, mode="bilinear", align_corners=False, antialias=False
+            )
         with _bn_eval(self.backbone, self.training and self.cfg.bn_mode == "masked_running"):
             f = self.backbone(xn_masked)
         scores, _ = self.cls_head(f)
@@ -227,8 +235,9 @@ class MinMaxNet(_Base):
         probs = self.classify(xn * m.to(xn.dtype)).float().softmax(dim=1)
         return scores, maps, probs
 
-    def training_losses(self, xn: torch.Tensor, y: torch.Tensor, *, epoch: int = 0, barrier_t: float = 5.0,
-                        sigma: float | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self, xn: torch.Tensor, y: torch.Tensor, *, epoch: int = 0, barrier_t: float = 5.0, sigma: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """All loss terms for one minibatch.
 
         Parameters
@@ -280,6 +289,7 @@ class MinMaxNet(_Base):
         out["passes"] = torch.tensor(float(npass))
         assert first is not None
         out["_scores"] = first.detach()
+        out["_loc"], out["_pos"], out["_neg"] = loc, pos, neg
         return out
 
 

@@ -8,15 +8,15 @@ really counts (it is added to the score, not computed out of place and thrown aw
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 
 def _count(k: float, n: int) -> int:
-    """Number of positions for a fraction ``k`` (< 1) or an absolute count ``k`` (>= 1) of ``n``."""
+    """Number of positions for a fraction ``k`` (<= 1; 1.0 = all) or an absolute count ``k`` (> 1) of ``n``."""
     if k <= 0:
         return 0
-    c = round(k * n) if k < 1 else int(k)
+    c = round(k * n) if k <= 1 else int(k)
     return max(1, min(n, c))
 
 
@@ -35,7 +35,7 @@ def wildcat_pool(
     maps
         Class maps ``(B, C, H, W)``.
     kmax, kmin
-        Fraction (< 1) or number (>= 1) of the highest / lowest positions pooled.
+        Fraction (<= 1, 1.0 = all) or number (> 1) of the highest / lowest positions pooled.
     alpha
         Weight of the bottom-kmin mean.
     dropout

@@ -1,0 +1,133 @@
+"""Reproduce wsltool's GlaS table (train on the 67 `train` images, report on the 18 `valid` images).
+
+Usage (CPU, about 10-20 min per run on 2 cores):
+
+    python examples/glas/run_glas.py --data ../shared/data/glas --out /tmp/glas --run default
+    python examples/glas/run_glas.py --run paper2019|wildcat|cam|default [--set key=value ...] [--epochs N]
+    python examples/glas/run_glas.py --table /tmp/glas        # collect every run's results into a table
+
+`--data` takes the PNG copy (labels.csv) or the official release (BMP + Grade.csv).  Never run on test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    "paper2019": {
+        "kmax": 0.09,
+        "kmin": 0.09,
+        "alpha": 0.0,
+        "head_dropout": 0.75,
+        "w": 8.0,
+        "sigma": 0.5,
+        "detach_mask": True,
+        "size_prior": "none",
+        "erase_passes": 4,
+        "bn_mode": "train",
+        "output_stride": 32,
+    },
+    "wildcat": {"method": "wildcat"},
+    "cam": {"method": "cam"},
+}
+
+
+def parse_value(v: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if v.lower() == "none" or v == "":
+        return None
+    return v
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glas"))
+    ap.add_argument("--out", default="/tmp/glas")
+    ap.add_argument("--run", default="default", help=f"preset: {', '.join(PRESETS)}")
+    ap.add_argument("--name", default=None, help="run folder name (default: the preset)")
+    ap.add_argument("--set", action="append", default=[], help="ModelConfig/TrainConfig override key=value")
+    ap.add_argument("--overlays", type=int, default=6)
+    ap.add_argument("--table", default=None, help="print the table of the runs under this folder and exit")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest on a shared 2-core machine: 2 threads oversubscribe)",
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.table:
+        return table(Path(args.table))
+
+    import torch
+
+    from wsltool.config import ModelConfig, TrainConfig, from_dict
+    from wsltool.evaluate import evaluate, format_summary
+    from wsltool.train.checkpoint import load_checkpoint
+    from wsltool.train.glas import GLAS_CLASSES, glas_items
+    from wsltool.train.loop import fit
+
+    torch.set_num_threads(args.threads)
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    mcfg: dict[str, object] = dict(PRESETS[args.run])
+    tcfg: dict[str, object] = {"num_threads": args.threads}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        (mcfg if k in mfields else tcfg)[k] = parse_value(v)
+    model_cfg = from_dict(ModelConfig, mcfg)
+    train_cfg = from_dict(TrainConfig, tcfg)
+    name = args.name or args.run
+    out = Path(args.out) / name
+    items = glas_items(args.data, work_dir=args.out)
+    train = [it for it in items if it.split == "train"]
+    valid = [it for it in items if it.split == "valid"]
+    t0 = time.perf_counter()
+    res = fit(train, valid, GLAS_CLASSES, model_cfg, train_cfg, out, resume=args.resume, progress=False)
+    train_s = time.perf_counter() - t0
+    model, meta = load_checkpoint(res.best, class_names=GLAS_CLASSES)
+    _, summary = evaluate(model, valid, GLAS_CLASSES, out_dir=out / "eval_valid", overlays=args.overlays)
+    summary.update(
+        {
+            "run": name,
+            "best_epoch": res.best_epoch,
+            "train_seconds": train_s,
+            "train_images_per_s": len(train) * train_cfg.epochs / max(train_s, 1e-9),
+            "model": meta["config"],
+            "train": meta["train_config"],
+        }
+    )
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    return 0
+
+
+def table(root: Path) -> int:
+    cols = ["error", "f1_pos", "f1_neg", "area", "chance_pos", "chance_neg", "pxap", "pixel_auc"]
+    print("| run | " + " | ".join(cols) + " | best epoch | train min | train img/s | eval img/s |")
+    print("|---" * (len(cols) + 5) + "|")
+    for p in sorted(root.glob("*/result.json")):
+        r = json.loads(p.read_text())
+        vals = " | ".join(f"{r[c]:.1f}" for c in cols)
+        print(
+            f"| {r['run']} | {vals} | {r['best_epoch']} | {r['train_seconds'] / 60:.1f} | "
+            f"{r['train_images_per_s']:.1f} | {r['images_per_s']:.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``wsltool infer SLIDE -o OUT.zarr --model CKPT``: one slide to a multiscale OME-Zarr heatmap store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the ``infer`` sub-command."""
+    p = sub.add_parser(
+        "infer",
+        help="localize: slide -> OME-Zarr heatmap store (M+, class maps, mask, tissue, slide score)",
+        description="Run the localizer over a slide's tissue and write a multiscale OME-Zarr heatmap store. "
+        "An interrupted run resumes when run again; a finished store is kept unless --overwrite.",
+    )
+    p.add_argument("slide", help="slide file")
+    p.add_argument("-o", "--out", required=True, help="output store (OUT.zarr)")
+    p.add_argument("--model", required=True, help="checkpoint (.pt) from `wsltool train`")
+    p.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
+    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's level-0 mpp")
+    p.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
+    p.add_argument("--overlap", type=int, default=64, help="overlap between regions in px (default 64)")
+    p.add_argument("--out-factor", type=int, default=8, help="output pixel = N input pixels (default 8)")
+    p.add_argument("--batch", type=int, default=8, help="regions per batch (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="reader processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    p.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
+    p.add_argument("--top-k", type=int, default=5, help="slide score = mean of the top-k regions (default 5)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace a finished store")
+    g.add_argument("--no-resume", action="store_true", help="refuse to continue an incomplete store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run inference and print the one-line summary."""
+    from wsltool.config import InferConfig
+    from wsltool.infer.run import infer_slide
+
+    cfg = InferConfig(
+        mpp=args.mpp,
+        region=args.region,
+        overlap=args.overlap,
+        out_factor=args.out_factor,
+        batch_size=args.batch,
+        workers=args.workers,
+        device=args.device,
+        amp=not args.no_amp,
+        threshold=args.threshold,
+        top_k=args.top_k,
+    )
+    res = infer_slide(
+        args.slide,
+        args.out,
+        args.model,
+        cfg,
+        slide_mpp=args.slide_mpp,
+        overwrite=args.overwrite,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+    )
+    print(res.summary(args.slide))
+    return 0

@@ -1,0 +1,123 @@
+"""``wsltool train --labels labels.csv --out DIR``: train a min-max (or baseline) model from image-level labels."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return None if v.lower() == "none" else v
+
+
+def register(sub: Any) -> None:
+    """Add the ``train`` sub-command."""
+    p = sub.add_parser("train", help="train a localizer from image-level labels (path,label[,split] CSV)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="labels CSV (path,label[,split]; rows with split 'valid' validate), or a GlaS folder",
+    )
+    p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, history.jsonl)")
+    p.add_argument("--config", default=None, help="TOML file with [model] and [train] tables")
+    p.add_argument("--method", choices=["minmax", "wildcat", "cam"], default=None)
+    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default), resnet18/34/50/101")
+    p.add_argument("--pretrained", default=None, help="'imagenet', 'none' or a state_dict file")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--crop", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any ModelConfig/TrainConfig field (repeatable)"
+    )
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the images (stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print where the checkpoints are."""
+    import tomllib
+
+    from wsltool.config import ModelConfig, TrainConfig, from_dict
+    from wsltool.errors import ConfigError, LabelsError
+    from wsltool.train.glas import glas_items
+    from wsltool.train.labels import class_names_of, read_labels
+    from wsltool.train.loop import fit
+
+    mdata: dict[str, Any] = {}
+    tdata: dict[str, Any] = {}
+    if args.config:
+        try:
+            raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            msg = f"{args.config}: cannot read TOML ({exc})"
+            raise ConfigError(msg) from exc
+        mdata.update(raw.get("model", {}))
+        tdata.update(raw.get("train", {}))
+    for key, val in (("method", args.method), ("backbone", args.backbone), ("pretrained", args.pretrained)):
+        if val is not None:
+            mdata[key] = val
+    for key, val in (
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("crop", args.crop),
+        ("lr", args.lr),
+        ("seed", args.seed),
+    ):
+        if val is not None:
+            tdata[key] = val
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for kv in args.set:
+        k, eq, v = kv.partition("=")
+        if not eq:
+            msg = f"--set expects KEY=VALUE, got {kv!r}"
+            raise ConfigError(msg)
+        (mdata if k in mfields else tdata)[k] = _value(v)
+    src = Path(args.labels)
+    items = glas_items(src, work_dir=args.out) if src.is_dir() else read_labels(src, require_splits=())
+    classes = class_names_of(items)
+    if len(classes) < 2:
+        raise LabelsError(src, [f"need at least 2 classes, found {classes}"])
+    mdata.setdefault("num_classes", len(classes))
+    model_cfg = from_dict(ModelConfig, mdata, source="model config")
+    train_cfg = from_dict(TrainConfig, tdata, source="train config")
+    has_split = any(it.split is not None for it in items)
+    train = [it for it in items if not has_split or it.split == "train"]
+    valid = [it for it in items if has_split and it.split == "valid"]
+    if not train:
+        raise LabelsError(src, ["split 'train' has no item"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    res = fit(
+        train,
+        valid,
+        classes,
+        model_cfg,
+        train_cfg,
+        args.out,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+        mpp=args.mpp,
+    )
+    best = next((h for h in res.history if h["epoch"] == res.best_epoch), {})
+    print(f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, {res.seconds:.0f} s")
+    ve = best.get("valid_error")
+    print(f"best: {res.best} (epoch {res.best_epoch + 1}" + (f", valid error {ve:.1f}%)" if ve is not None else ")"))
+    print(f"last: {res.last}")
+    return 0

@@ -1,0 +1,202 @@
+"""Checkpoints: weights + everything needed to use them, loaded without executing code from the file.
+
+File content (``torch.save`` of plain containers only): ``{"format": "wsltool-checkpoint", "format_version": 1,
+"state_dict": {...}, "meta": {...}, "train_state": {...} or absent}``.  ``meta`` holds ``class_names``, ``mpp``,
+``input_size``, ``method``, ``config`` (the ModelConfig as a dict, including the normalisation), ``train_config``,
+``wsltool_version``, ``fingerprint`` (SHA-256 of the weights) and free ``extra`` entries.  Loading uses
+``torch.load(weights_only=True)``: a pickle that would build arbitrary objects is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsltool import __version__
+from wsltool.config import ModelConfig, from_dict, to_dict
+from wsltool.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wsltool-checkpoint"
+FORMAT_VERSION = 1
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes and bytes of the tensors of a state_dict (hex, 16 chars)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    class_names: Sequence[str],
+    mpp: float | None = None,
+    input_size: int | None = None,
+    train_config: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    path
+        Destination file.
+    model
+        A model from :func:`wsltool.models.build_model` (it carries its ``cfg``).
+    class_names
+        Class names in label-index order.
+    mpp
+        Microns per pixel of the training images (None when unknown).
+    input_size
+        Training crop side.
+    train_config
+        The training configuration as a dict.
+    train_state
+        Optimiser/scheduler state and epoch for ``--resume`` (plain tensors and numbers only).
+    extra
+        Other JSON-like metadata.
+
+    Returns
+    -------
+    dict
+        The ``meta`` written.
+    """
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    if len(class_names) != cfg.num_classes:
+        msg = f"{path}: {len(class_names)} class names for a {cfg.num_classes}-class model"
+        raise CheckpointError(msg)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "class_names": list(class_names),
+        "mpp": mpp,
+        "input_size": input_size,
+        "method": cfg.method,
+        "config": to_dict(cfg),
+        "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},  # type: ignore[operator]
+        "train_config": train_config or {},
+        "wsltool_version": __version__,
+        "fingerprint": weights_fingerprint(sd),
+        "extra": extra or {},
+    }
+    blob: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
+    if train_state is not None:
+        blob["train_state"] = train_state
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return meta
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read the raw checkpoint dict safely (``weights_only=True``).
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, unsafe or corrupt pickle, or not a wsltool checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: checkpoint not found"
+        raise CheckpointError(msg)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
+        kind = (
+            "refused: it would execute code or build non-tensor objects"
+            if "weights_only" in str(exc)
+            else f"corrupt or not a checkpoint ({type(exc).__name__})"
+        )
+        msg = f"{path}: {kind}"
+        raise CheckpointError(msg) from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        msg = f"{path}: not a wsltool checkpoint"
+        raise CheckpointError(msg)
+    if blob.get("format_version") != FORMAT_VERSION:
+        msg = f"{path}: checkpoint format {blob.get('format_version')} not supported (expected {FORMAT_VERSION})"
+        raise CheckpointError(msg)
+    return blob
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model from a checkpoint, in eval mode.
+
+    Parameters
+    ----------
+    path
+        Checkpoint file.
+    map_location
+        Device for the weights and the model.
+    class_names, num_classes
+        When given, the checkpoint must be for this task (same classes / class count).
+
+    Returns
+    -------
+    (model, meta)
+        ``meta`` holds ``class_names``, ``mpp``, ``input_size``, ``method``, ``config``, ``normalization``,
+        ``wsltool_version``, ``fingerprint``, ``train_config``, ``extra``.
+
+    Raises
+    ------
+    CheckpointError
+        Unsafe/corrupt file, invalid config, weights that do not fit, or a checkpoint for another task.
+    """
+    from wsltool.models import build_model
+
+    path = Path(path)
+    blob = read_checkpoint(path, map_location)
+    meta = blob.get("meta")
+    sd = blob.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(sd, dict):
+        msg = f"{path}: checkpoint lacks meta or state_dict"
+        raise CheckpointError(msg)
+    try:
+        cfg = from_dict(ModelConfig, {**meta["config"], "pretrained": "none"}, source=str(path))
+    except (ConfigError, KeyError, TypeError) as exc:
+        msg = f"{path}: invalid model configuration ({exc})"
+        raise CheckpointError(msg) from exc
+    names = list(meta.get("class_names") or [])
+    if len(names) != cfg.num_classes:
+        msg = f"{path}: {len(names)} class names for a {cfg.num_classes}-class model"
+        raise CheckpointError(msg)
+    if num_classes is not None and num_classes != cfg.num_classes:
+        msg = f"{path}: checkpoint is for {cfg.num_classes} classes, the task has {num_classes}"
+        raise CheckpointError(msg)
+    if class_names is not None and list(class_names) != names:
+        msg = f"{path}: checkpoint classes {names} differ from the task's {list(class_names)}"
+        raise CheckpointError(msg)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        msg = f"{path}: weights do not fit the configured model ({str(exc).splitlines()[0]})"
+        raise CheckpointError(msg) from exc
+    model.to(map_location).eval()
+    meta = dict(meta)
+    meta["path"] = str(path)
+    return model, meta

@@ -1,0 +1,256 @@
+"""Models: WILDCAT pooling, losses, mask, erasing, gradients, backbones (values, not smoke)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsltool.config import ModelConfig
+from wsltool.errors import ConfigError
+from wsltool.models import (
+    MinMaxNet,
+    WildcatHead,
+    build_backbone,
+    build_model,
+    normalize_per_image,
+    pseudo_binary,
+    wildcat_pool,
+)
+from wsltool.models.erasing import recursive_erase
+from wsltool.models.losses import ce_loss, log_barrier, size_loss, uniform_ce_loss
+
+TINY = {"backbone": "tiny", "pretrained": "none", "output_stride": 8}
+
+
+def np_wildcat(maps: np.ndarray, kmax: int, kmin: int, alpha: float) -> np.ndarray:
+    b, c = maps.shape[:2]
+    out = np.zeros((b, c))
+    for i in range(b):
+        for j in range(c):
+            v = np.sort(maps[i, j].ravel())[::-1]
+            out[i, j] = v[:kmax].mean() + (alpha * v[-kmin:].mean() if kmin else 0.0)
+    return out
+
+
+def test_wildcat_pool_matches_numpy_with_kmin() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(3, 2, 5, 4)).astype(np.float32)
+    t = torch.from_numpy(maps)
+    # fractions: 20 positions, kmax 0.1 -> 2, kmin 0.25 -> 5
+    got = wildcat_pool(t, kmax=0.1, kmin=0.25, alpha=0.7).numpy()
+    np.testing.assert_allclose(got, np_wildcat(maps, 2, 5, 0.7), rtol=1e-5, atol=1e-6)
+    # the kmin term really counts
+    without = wildcat_pool(t, kmax=0.1, kmin=0.25, alpha=0.0).numpy()
+    np.testing.assert_allclose(
+        got - without, 0.7 * np.sort(maps.reshape(3, 2, -1), -1)[..., :5].mean(-1), rtol=1e-5, atol=1e-6
+    )
+    # absolute counts
+    np.testing.assert_allclose(
+        wildcat_pool(t, kmax=3, kmin=2, alpha=-0.5).numpy(), np_wildcat(maps, 3, 2, -0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_wildcat_dropout_only_in_training() -> None:
+    t = torch.randn(2, 2, 6, 6)
+    a = wildcat_pool(t, 0.3, dropout=0.75, training=False)
+    torch.manual_seed(0)
+    b = wildcat_pool(t, 0.3, dropout=0.75, training=True)
+    assert torch.equal(a, wildcat_pool(t, 0.3))
+    assert not torch.allclose(a, b)
+
+
+def test_wildcat_head_classwise_mean_over_modalities() -> None:
+    head = WildcatHead(4, num_classes=2, modalities=3, kmax=1.0, kmin=0, alpha=0)
+    f = torch.randn(1, 4, 3, 3)
+    scores, maps = head(f)
+    raw = head.conv(f).view(1, 2, 3, 3, 3)
+    torch.testing.assert_close(maps, raw.mean(2))
+    torch.testing.assert_close(scores, maps.mean(dim=(2, 3)))  # kmax = all positions -> global mean
+
+
+def test_losses_hand_computed() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    p1 = 1 / (1 + math.e)
+    assert ce_loss(logits, y).item() == pytest.approx((-math.log(p0) - math.log(p1)) / 2, rel=1e-6)
+    want = (-(math.log(p0) + math.log(1 - p0)) / 2 - (math.log(p1) + math.log(1 - p1)) / 2) / 2
+    assert uniform_ce_loss(logits).item() == pytest.approx(want, rel=1e-6)
+    # uniform prediction reaches the minimum log C
+    assert uniform_ce_loss(torch.zeros(4, 3)).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_log_barrier_branches() -> None:
+    t = 5.0
+    z = torch.tensor([-0.5, -1 / t**2, 0.0, 0.3])
+    got = log_barrier(z, t)
+    assert got[0].item() == pytest.approx(-math.log(0.5) / t)
+    assert got[1].item() == pytest.approx(-math.log(1 / t**2) / t)  # continuous at the junction
+    assert got[2].item() == pytest.approx(-math.log(1 / t**2) / t + 1 / t)
+    assert got[3].item() == pytest.approx(t * 0.3 - math.log(1 / t**2) / t + 1 / t)
+
+
+def test_size_loss_values() -> None:
+    m = torch.full((2, 1, 4, 4), 0.25)
+    t = 5.0
+    want_abs = log_barrier(torch.tensor(-0.25), t) + log_barrier(torch.tensor(-0.75), t)
+    assert size_loss(m, t, "absolute").item() == pytest.approx(want_abs.item(), rel=1e-6)
+    want_rng = log_barrier(torch.tensor(0.25 - 0.7), t) + log_barrier(torch.tensor(0.3 - 0.25), t)
+    assert size_loss(m, t, "range", 0.3, 0.7).item() == pytest.approx(want_rng.item(), rel=1e-6)
+    # the range prior pushes a too-small mask to grow
+    mm = m.clone().requires_grad_(True)
+    size_loss(mm, t, "range", 0.3, 0.7).backward()
+    assert mm.grad is not None and (mm.grad < 0).all()
+
+
+def test_per_image_normalisation_and_pseudo_binary() -> None:
+    a = torch.rand(1, 1, 5, 5) * 3 + 7
+    b = torch.rand(1, 1, 5, 5) * 0.01 - 2
+    both = normalize_per_image(torch.cat([a, b]))
+    torch.testing.assert_close(both[0:1], normalize_per_image(a))
+    torch.testing.assert_close(both[1:2], normalize_per_image(b))
+    for i in range(2):
+        assert both[i].min().item() == pytest.approx(0.0, abs=1e-6)
+        assert both[i].max().item() == pytest.approx(1.0, abs=1e-5)
+    m = pseudo_binary(both, w=8.0, sigma=0.5)
+    assert (m > 0).all() and (m < 1).all()
+    assert m.min().item() == pytest.approx(1 / (1 + math.exp(4)), rel=1e-4)
+    assert m.max().item() == pytest.approx(1 / (1 + math.exp(-4)), rel=1e-4)
+
+
+def _step_from(scores: list[torch.Tensor], masks: list[torch.Tensor], calls: list[torch.Tensor]):
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i = len(calls)
+        calls.append(x.clone())
+        return scores[i], masks[i]
+
+    return step
+
+
+def test_erasing_trust_zero_means_no_erasing() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    y = torch.tensor([0, 1])
+    wrong = torch.tensor([[0.0, 3.0], [3.0, 0.0]])  # both predictions wrong -> trust 0, all frozen
+    calls: list[torch.Tensor] = []
+    res = recursive_erase(x, y, _step_from([wrong] * 4, [torch.rand(2, 1, 4, 4)] * 4, calls), passes=4)
+    assert res.passes == 1 and len(calls) == 1  # frozen after the first pass
+    assert torch.equal(res.accumulated, torch.zeros(2, 1, 4, 4))
+    assert torch.equal(res.trusts[0], torch.zeros(2))
+
+
+def test_erasing_accumulates_pixelwise_max_and_stops_when_frozen() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 4)
+    y = torch.tensor([0, 0])
+    ok = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    ok_better = torch.tensor([[3.0, 0.0], [3.0, 0.0]])
+    sample1_wrong = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    both_wrong = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    masks = [torch.rand(2, 1, 4, 4) for _ in range(5)]
+    scores = [ok, ok_better, sample1_wrong, both_wrong, ok]
+    calls: list[torch.Tensor] = []
+    res = recursive_erase(x, y, _step_from(scores, masks, calls), passes=5, sigma_e=10.0)
+    assert res.passes == 4  # pass 3 freezes the last sample: no pass 4
+    pmax = [torch.softmax(s, 1).max(1).values for s in scores]
+    expect_trust = [
+        pmax[0],
+        math.exp(-0.1) * pmax[1],
+        torch.tensor([math.exp(-0.2) * pmax[2][0].item(), 0.0]),
+        torch.zeros(2),
+    ]
+    for got, want in zip(res.trusts, expect_trust, strict=True):
+        torch.testing.assert_close(got, want)
+    acc = torch.zeros(2, 1, 4, 4)
+    for tr, m in zip(expect_trust, masks, strict=False):
+        acc = torch.maximum(acc, tr.view(2, 1, 1, 1) * m)
+    torch.testing.assert_close(res.accumulated, acc)
+    # the second pass saw the image erased by the first accumulated mask
+    torch.testing.assert_close(calls[1], x * (1 - expect_trust[0].view(2, 1, 1, 1) * masks[0]))
+    # sample 1 is not erased further after it was frozen (trust 0 at pass 2)
+    torch.testing.assert_close(calls[3][1], calls[2][1])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_gradient_reaches_localizer_exactly_when_not_detached(detach: bool) -> None:
+    torch.manual_seed(0)
+    model = MinMaxNet(ModelConfig(**TINY, detach_mask=detach, size_prior="none", head_dropout=0.0))
+    model.train()
+    x = model.normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    out = model.training_losses(x, torch.tensor([0, 1]))
+    (out["_pos"] + out["_neg"]).backward()
+    g = model.loc_head.conv.weight.grad
+    if detach:
+        assert g is None or float(g.abs().sum()) == 0.0
+    else:
+        assert g is not None and float(g.abs().sum()) > 0
+    assert model.cls_head.conv.weight.grad is not None
+
+
+def test_localize_contract_and_batch_independence() -> None:
+    torch.manual_seed(0)
+    for method in ("minmax", "wildcat", "cam"):
+        model = build_model(ModelConfig(**TINY, method=method)).eval()
+        x = torch.randint(0, 255, (3, 3, 40, 48), dtype=torch.uint8)
+        with torch.inference_mode():
+            out = model.localize(x, size=(20, 24))
+            one = model.localize(x[1:2], size=(20, 24))
+        assert out["probs"].shape == (3, 2) and out["probs"].dtype == torch.float32
+        torch.testing.assert_close(out["probs"].sum(1), torch.ones(3))
+        assert out["mplus"].shape == (3, 20, 24) and out["mplus"].dtype == torch.float32
+        assert out["class_maps"].shape == (3, 2, 20, 24)
+        assert float(out["mplus"].min()) >= 0 and float(out["mplus"].max()) <= 1
+        torch.testing.assert_close(out["mplus"][1:2], one["mplus"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["probs"][1:2], one["probs"], atol=1e-5, rtol=1e-5)
+
+
+def test_bn_modes() -> None:
+    model = MinMaxNet(ModelConfig(**TINY, bn_mode="masked_running"))
+    model.train()
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = model.normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    model.heads_out(x)
+    after_x = bn.num_batches_tracked.item()
+    model.classify(x)  # masked passes use (and do not update) the running statistics
+    assert bn.num_batches_tracked.item() == after_x
+    assert bn.training
+    frozen = MinMaxNet(ModelConfig(**TINY, bn_mode="frozen")).train()
+    assert not any(m.training for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_backbone_strides() -> None:
+    for name, stride, ch in (
+        ("resnet18", 16, 512),
+        ("resnet18", 32, 512),
+        ("efficientnet_lite0", 16, 1280),
+        ("efficientnet_lite0", 32, 1280),
+    ):
+        net, info = build_backbone(name, "none", stride)
+        with torch.no_grad():
+            f = net.eval()(torch.zeros(1, 3, 64, 96))
+        assert f.shape == (1, ch, 64 // stride, 96 // stride)
+        assert info.channels == ch
+    with pytest.raises(ConfigError):
+        build_backbone("resnet18", "imagenet")
+    with pytest.raises(ConfigError):
+        build_backbone("nope")
+
+
+def test_efficientnet_lite0_imagenet_predictions_on_real_photos() -> None:
+    from skimage import data
+
+    from wsltool.models.backbones import efficientnet_lite0
+
+    torch.set_num_threads(2)
+    want = {"chelsea": range(281, 286), "coffee": (967, 968)}  # tabby..Egyptian cat; espresso, cup
+    for stride in (32, 16):
+        net = efficientnet_lite0("imagenet", output_stride=stride).eval()
+        for name, classes in want.items():
+            img = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1)[None].float() / 255
+            img = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
+            with torch.no_grad():
+                p = net((img - 0.5) / 0.5).softmax(1)[0]
+            assert int(p.argmax()) in classes, (name, stride, int(p.argmax()))
+            assert float(p[list(classes)].sum()) > 0.5

@@ -1,0 +1,183 @@
+"""Training loop, checkpoints and augmentation, on small synthetic images (CPU)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsltool.config import ModelConfig, TrainConfig
+from wsltool.errors import CheckpointError
+from wsltool.evaluate import evaluate
+from wsltool.models import build_model
+from wsltool.train.checkpoint import load_checkpoint, save_checkpoint
+from wsltool.train.data import augment, color_augment, random_crop
+from wsltool.train.labels import LabeledItem
+from wsltool.train.loop import fit, lr_factor
+
+TINY = {"backbone": "tiny", "pretrained": "none", "output_stride": 8}
+
+
+def make_squares(root: Path, n: int, seed: int, size: int = 128, side: int = 52) -> list[LabeledItem]:
+    """Two classes (striped / checkered square) on a noisy grey background, masks next to the images."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    items = []
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        lab = i % 2
+        img = 150 + rng.normal(0, 8, (size, size, 3))
+        y0, x0 = rng.integers(0, size - side, 2)
+        tex = np.where((yy // 3) % 2 == 0, 60, 230) if lab == 0 else np.where((yy // 3 + xx // 3) % 2 == 0, 60, 230)
+        m = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
+        img[m] = tex[m][:, None] + rng.normal(0, 8, (int(m.sum()), 3))
+        p = root / f"s{seed}_{i}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+        Image.fromarray((m * 255).astype(np.uint8)).save(root / f"s{seed}_{i}_anno.png")
+        items.append(LabeledItem(p, ["stripes", "checks"][lab]))
+    return items
+
+
+CLASSES = ["checks", "stripes"]
+
+
+def test_synthetic_square_is_localized(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    train = make_squares(tmp_path / "d", 24, 0)
+    valid = make_squares(tmp_path / "d", 8, 1)
+    mc = ModelConfig(
+        **TINY, kmax=0.1, head_dropout=0.0, size_prior="range", area_min=0.05, area_max=0.5, sigma=0.5, w=8.0
+    )
+    tc = TrainConfig(epochs=14, batch_size=8, crop=128, lr=3e-3, backbone_lr_mult=1.0, color_jitter=0.0, num_threads=1)
+    res = fit(train, valid, CLASSES, mc, tc, tmp_path / "out", progress=False)
+    model, meta = load_checkpoint(res.last, class_names=CLASSES)
+    _, s = evaluate(model, valid, CLASSES)
+    assert s["f1_pos"] >= 80, s
+    assert s["f1_pos"] - s["chance_pos"] > 50
+    assert s["pixel_auc"] > 95
+    assert meta["class_names"] == CLASSES and meta["method"] == "minmax"
+    assert len(res.history) == 14 and (tmp_path / "out" / "history.jsonl").exists()
+    assert res.history[0]["loc"] > res.history[-1]["loc"]
+
+
+def test_resume_reproduces_uninterrupted_training(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    items = make_squares(tmp_path / "d", 8, 0, size=64, side=24)
+    mc = ModelConfig(**TINY)
+    tc = TrainConfig(epochs=2, batch_size=4, crop=48, num_threads=1)
+    fit(items[:6], items[6:], CLASSES, mc, tc, tmp_path / "a", progress=False)
+    fit(
+        items[:6],
+        items[6:],
+        CLASSES,
+        mc,
+        TrainConfig(epochs=2, batch_size=4, crop=48, num_threads=1),
+        tmp_path / "b",
+        progress=False,
+    )
+    a, _ = load_checkpoint(tmp_path / "a" / "last.pt")
+    b, _ = load_checkpoint(tmp_path / "b" / "last.pt")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k  # seeded training is reproducible on CPU
+    # interrupted after one epoch, then resumed: same weights as the uninterrupted run
+    tc1 = TrainConfig(epochs=2, batch_size=4, crop=48, num_threads=1)
+    c_dir = tmp_path / "c"
+    fit(items[:6], items[6:], CLASSES, mc, tc1, c_dir, progress=False)
+    first = load_checkpoint(c_dir / "last.pt")[0].state_dict()
+    # rewind: rerun epoch 0 only in d, then resume to 2 epochs
+    d_dir = tmp_path / "d_run"
+    import dataclasses
+
+    fit(items[:6], items[6:], CLASSES, mc, dataclasses.replace(tc1, epochs=1), d_dir, progress=False)
+    blob = torch.load(d_dir / "last.pt", weights_only=True)
+    blob["meta"]["train_config"]["epochs"] = 2  # same run, stopped after its first epoch
+    torch.save(blob, d_dir / "last.pt")
+    res = fit(items[:6], items[6:], CLASSES, mc, tc1, d_dir, resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    resumed = load_checkpoint(d_dir / "last.pt")[0].state_dict()
+    for k in first:
+        assert torch.allclose(first[k].float(), resumed[k].float(), atol=1e-6), k
+
+
+def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, method="wildcat")).eval()
+    p = tmp_path / "m.pt"
+    meta = save_checkpoint(p, model, class_names=["a", "b"], mpp=0.5, input_size=64)
+    loaded, meta2 = load_checkpoint(p)
+    assert meta2["fingerprint"] == meta["fingerprint"] and meta2["mpp"] == 0.5 and meta2["method"] == "wildcat"
+    assert meta2["class_names"] == ["a", "b"] and meta2["input_size"] == 64 and "wsltool_version" in meta2
+    assert meta2["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    x = torch.randint(0, 255, (2, 3, 32, 40), dtype=torch.uint8)
+    with torch.inference_mode():
+        o1, o2 = model.localize(x), loaded.localize(x)
+    for k in o1:
+        torch.testing.assert_close(o1[k], o2[k])
+    with pytest.raises(CheckpointError, match="task has 3"):
+        load_checkpoint(p, num_classes=3)
+    with pytest.raises(CheckpointError, match="differ"):
+        load_checkpoint(p, class_names=["benign", "malignant"])
+    # weights that do not fit the stored config
+    blob = torch.load(p, weights_only=True)
+    blob["meta"]["config"]["num_classes"] = 3
+    blob["meta"]["class_names"] = ["a", "b", "c"]
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+    marker = ""
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _Evil.marker = str(marker)
+    p = tmp_path / "evil.pt"
+    torch.save(
+        {"format": "wsltool-checkpoint", "format_version": 1, "state_dict": {}, "meta": _Evil()},
+        p,
+        pickle_module=pickle,
+    )
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(p)
+    assert not marker.exists()
+    msg = str(ei.value)
+    assert str(p) in msg and "refused" in msg and "\n" not in msg
+
+
+def test_augmentation_invariants() -> None:
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)
+    out = augment(img, 40, 1.0, gen)
+    assert out.shape == (3, 40, 40) and out.dtype == torch.uint8
+    small = random_crop(img, 64, gen)  # reflect padding when the image is smaller
+    assert small.shape == (3, 64, 64)
+    assert torch.equal(color_augment(img, 0.0), img)
+    c = color_augment(img, 1.0, gen)
+    assert c.dtype == torch.uint8 and (c.float() - img.float()).abs().mean() < 40
+    # crops without colour change keep pixel values from the image
+    plain = augment(img, 30, 0.0, gen)
+    assert set(plain.flatten().tolist()) <= set(img.flatten().tolist())
+
+
+def test_lr_schedule() -> None:
+    tc = TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine")
+    assert lr_factor(0.0, tc) < 0.01
+    assert lr_factor(1.0, tc) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.1)))
+    assert lr_factor(10.0, tc) == pytest.approx(0.0, abs=1e-12)
+    st = TrainConfig(epochs=100, warmup_epochs=0, schedule="step", step_epochs=40, gamma=0.1)
+    assert [lr_factor(e, st) for e in (0, 39, 40, 80)] == pytest.approx([1, 1, 0.1, 0.01])
