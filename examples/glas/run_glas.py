@@ -110,6 +110,12 @@ def main() -> int:
             "train": meta["train_config"],
         }
     )
+    if res.best_epoch != res.history[-1]["epoch"]:  # also report the last epoch (checkpoint-selection ablation)
+        last_model, _ = load_checkpoint(res.last, class_names=GLAS_CLASSES)
+        _, last = evaluate(last_model, valid, GLAS_CLASSES)
+    else:
+        last = dict(summary)
+    summary["last_epoch"] = {k: v for k, v in last.items() if isinstance(v, int | float)}
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return 0

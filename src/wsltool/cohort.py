@@ -3,15 +3,18 @@
 Every slide is safe to re-run and safe to race for:
 
 - output ``OUTDIR/<slide-id>.zarr`` (a complete store is skipped; an incomplete one resumes);
-- a lock file ``OUTDIR/<slide-id>.lock`` created atomically (``O_CREAT | O_EXCL``) holding host, pid and
-  time, refreshed while the slide runs; a lock whose process is gone (same host) or that has not been
-  refreshed for ``stale_after`` seconds (any host) is reclaimed; two runners never work on one slide;
+- a lock file ``OUTDIR/<slide-id>.lock`` created atomically (``O_CREAT | O_EXCL``) holding host, pid, time
+  and a random token, refreshed by a heartbeat thread while the slide runs; a lock whose process is gone
+  (same host) or that has not been refreshed for ``stale_after`` seconds (any host) is reclaimed; two
+  runners never work on one slide;
 - the outcome ``OUTDIR/<slide-id>.result.json`` (status ``done`` | ``failed``, probabilities, error...),
-  from which ``OUTDIR/results.csv`` is rebuilt after every slide, so concurrent runners never lose rows.
+  from which ``OUTDIR/results.csv`` is rebuilt as slides finish, so concurrent runners never lose rows;
+- an append-only audit log ``OUTDIR/events.jsonl`` (one JSON line per start, retry, done, failed, with
+  host and pid): who computed what, and when.
 
 A failure on one slide (corrupt file, out of memory) is recorded and does not stop the cohort. Bad input
 (``WslError``: unreadable slide, missing mpp) fails at once; other errors are retried up to ``retries``
-times.
+times, each retry resuming the half-written store.  A slide that failed is tried again on the next run.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wsltool.config import InferConfig, from_dict, to_dict
-from wsltool.errors import ConfigError, LabelsError, WslError
+from wsltool.errors import CheckpointError, ConfigError, LabelsError, WslError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,9 @@ RESULT_FIELDS = [
     "slide_id", "path", "status", "predicted", "probs", "tissue_mm2", "regions", "seconds", "attempts",
     "host", "error", "store",
 ]
+
+#: Statuses a slide can end a run with.
+STATUSES = ("done", "skipped", "failed", "locked")
 
 
 @dataclass(frozen=True)
@@ -50,14 +59,15 @@ class CohortSlide:
 def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
     """Read ``COHORT.csv``: a ``path`` (or ``slide``) column, optional ``id`` and ``mpp`` columns.
 
-    Paths are relative to the CSV's folder. Missing files and duplicate ids are reported together.
+    Paths are relative to the CSV's folder and are returned absolute (workers of a remote Dask cluster do
+    not share this process's working directory). Missing files and duplicate ids are reported together.
 
     Raises
     ------
     LabelsError
         Listing every problem found.
     """
-    csv_path = Path(csv_path)
+    csv_path = Path(csv_path).absolute()
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
@@ -65,7 +75,7 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(csv_path, [f"cannot read as UTF-8 text ({exc})"]) from exc
     rows = list(csv.DictReader(text.splitlines()))
-    fields = [f.strip().lower() for f in (rows[0].keys() if rows else [])]
+    fields = [f.strip().lower() for f in (rows[0].keys() if rows else []) if f is not None]
     col = "path" if "path" in fields else ("slide" if "slide" in fields else None)
     if col is None:
         raise LabelsError(csv_path, ["needs a 'path' (or 'slide') column header"])
@@ -118,10 +128,58 @@ def shard(slides: list[CohortSlide], i: int, n: int) -> list[CohortSlide]:
     return ordered[i::n]
 
 
+# -- small file helpers -------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary sibling unique to this process and thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def log_event(outdir: Path, slide_id: str, event: str, **extra: Any) -> None:
+    """Append one line to ``OUTDIR/events.jsonl`` (a single ``O_APPEND`` write, safe across processes)."""
+    rec = {"time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(), "slide": slide_id,
+           "event": event, **extra}
+    line = (json.dumps(rec) + "\n").encode()
+    try:
+        fd = os.open(outdir / "events.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # the audit log must never fail a slide
+        log.warning("cannot append to %s: %s", outdir / "events.jsonl", exc)
+
+
+def read_events(outdir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``OUTDIR/events.jsonl`` (an unreadable line is skipped)."""
+    p = Path(outdir) / "events.jsonl"
+    out = []
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 # -- locks --------------------------------------------------------------------------------------
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -132,78 +190,195 @@ def _pid_alive(pid: int) -> bool:
 
 
 class SlideLock:
-    """An exclusive, stale-reclaiming lock file for one slide (works on shared file systems with O_EXCL)."""
+    """An exclusive, stale-reclaiming lock file for one slide (works on shared file systems with O_EXCL).
+
+    Parameters
+    ----------
+    path
+        The lock file.
+    stale_after
+        Seconds without a refresh after which a lock of another host is considered abandoned (a lock of
+        this host is abandoned as soon as its process is gone).
+
+    Attributes
+    ----------
+    held
+        True while this object holds the lock.
+    reclaimed
+        True when :meth:`acquire` removed an abandoned lock first.
+    """
 
     def __init__(self, path: Path, stale_after: float = 3600.0) -> None:
         self.path = path
         self.stale_after = stale_after
         self.held = False
+        self.reclaimed = False
+        self._token = uuid.uuid4().hex
+        self._beat: threading.Thread | None = None
+        self._stop = threading.Event()
 
-    def _stale(self) -> bool:
+    def _read(self) -> tuple[str, float] | None:
+        """Lock content and mtime; None when there is no lock."""
         try:
-            info = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
-        except (OSError, ValueError):
-            return True  # unreadable/half-written lock: reclaimable
+            return self.path.read_text(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def _is_stale(self, content: str, mtime: float) -> bool:
+        try:
+            info = json.loads(content)
+        except ValueError:
+            # half-written by a live creator (a few microseconds) or garbage left by a crash
+            return time.time() - mtime > 10.0
         if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
             return True
-        return age > self.stale_after
+        return time.time() - mtime > self.stale_after
+
+    def _stale(self) -> bool:
+        cur = self._read()
+        return cur is not None and self._is_stale(*cur)
+
+    def _reclaim(self) -> bool:
+        """Remove an abandoned lock, serialised by a second O_EXCL file so two reclaimers cannot both win."""
+        guard = self.path.with_name(self.path.name + ".reclaim")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # a reclaimer that died inside this tiny window
+                if time.time() - guard.stat().st_mtime > 60:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return False
+        os.close(fd)
+        try:
+            cur = self._read()  # look again, now that no other reclaimer can act
+            if cur is None:
+                return True
+            if not self._is_stale(*cur):
+                return False
+            log.warning("reclaiming abandoned lock %s (%s)", self.path, cur[0].strip())
+            self.path.unlink(missing_ok=True)
+            self.reclaimed = True
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
 
     def acquire(self) -> bool:
         """Take the lock; ``False`` when another live runner holds it."""
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if self._stale():
-                    log.warning("reclaiming stale lock %s", self.path)
-                    try:
-                        # rename first so two reclaimers cannot both delete a fresh lock
-                        tomb = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
-                        self.path.rename(tomb)
-                        tomb.unlink()
-                    except FileNotFoundError:
-                        pass
+                if self._stale() and self._reclaim():
                     continue
                 return False
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": self._token}
             with os.fdopen(fd, "w") as fh:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, fh)
+                json.dump(info, fh)
             self.held = True
             return True
         return False
 
+    def owned(self) -> bool:
+        """True when the lock file on disk is still this object's."""
+        cur = self._read()
+        if cur is None:
+            return False
+        try:
+            return bool(json.loads(cur[0]).get("token") == self._token)
+        except ValueError:
+            return False
+
     def refresh(self) -> None:
         """Mark the lock alive (updates its mtime)."""
         if self.held:
-            os.utime(self.path)
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                log.warning("lock %s disappeared while held", self.path)
+
+    def start_heartbeat(self, every: float | None = None) -> None:
+        """Refresh the lock from a daemon thread every ``every`` seconds (default ``stale_after / 4``)."""
+        period = every if every is not None else max(1.0, min(60.0, self.stale_after / 4))
+
+        def beat() -> None:
+            while not self._stop.wait(period):
+                self.refresh()
+
+        self._stop.clear()
+        self._beat = threading.Thread(target=beat, name=f"lock-{self.path.name}", daemon=True)
+        self._beat.start()
 
     def release(self) -> None:
-        """Remove the lock if held."""
+        """Stop the heartbeat and remove the lock if it is still this object's."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self.owned():
+                self.path.unlink(missing_ok=True)
+            else:
+                log.warning("lock %s was taken over by another runner", self.path)
             self.held = False
 
 
 # -- one slide ----------------------------------------------------------------------------------
 
 _MODEL_CACHE: dict[tuple[str, float], Any] = {}
+_MODEL_LOCK = threading.Lock()
 
 
 def _cached_model(path: str) -> Any:
     """Load a checkpoint once per worker process (keyed by path and mtime)."""
     key = (str(Path(path).resolve()), Path(path).stat().st_mtime)
-    if key not in _MODEL_CACHE:
-        from wsltool.train.checkpoint import load_checkpoint
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            from wsltool.train.checkpoint import load_checkpoint
 
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = load_checkpoint(path, map_location="cpu")
-    return _MODEL_CACHE[key]
+            _MODEL_CACHE.clear()
+            _MODEL_CACHE[key] = load_checkpoint(path, map_location="cpu")
+        return _MODEL_CACHE[key]
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+def _worker_config(cfg: InferConfig, gpu_per_worker: bool) -> InferConfig:
+    """Adapt the settings to the process a task runs in (daemonic Dask worker; one GPU per worker)."""
+    import dataclasses
+
+    if cfg.workers and multiprocessing.current_process().daemon:
+        log.warning("daemonic worker process cannot start reader processes: reading in the worker instead "
+                    "(start Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to use readers)")
+        cfg = dataclasses.replace(cfg, workers=0)
+    if gpu_per_worker and cfg.device in ("auto", "cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n > 1:
+            try:
+                from distributed import get_worker
+
+                name = get_worker().name
+            except (ImportError, ValueError):
+                name = None
+            if isinstance(name, int):
+                cfg = dataclasses.replace(cfg, device=f"cuda:{name % n}")
+    return cfg
+
+
+def _finished(result_path: Path, store: Path) -> dict[str, Any] | None:
+    """The recorded result when the slide is done and its store is complete, else None."""
+    from wsltool.store import HeatmapStore
+
+    if not (result_path.exists() and store.exists()):
+        return None
+    try:
+        prev = json.loads(result_path.read_text())
+        if prev.get("status") == "done" and HeatmapStore.open(store).complete:
+            return dict(prev)
+    except (OSError, ValueError, WslError):
+        pass
+    return None
 
 
 def run_slide(
@@ -213,9 +388,33 @@ def run_slide(
     config: dict[str, Any],
     *,
     retries: int = 1,
+    retry_wait: float = 2.0,
     stale_after: float = 3600.0,
+    torch_threads: int | None = None,
+    gpu_per_worker: bool = False,
 ) -> dict[str, Any]:
     """Process one slide (skip, resume or run) and record its outcome; never raises for slide problems.
+
+    Parameters
+    ----------
+    slide
+        The slide.
+    outdir
+        Cohort output folder.
+    model
+        Checkpoint path (loaded once per process).
+    config
+        :class:`~wsltool.config.InferConfig` as a dict.
+    retries
+        Extra attempts after a failure that is not a ``WslError``; each resumes the half-written store.
+    retry_wait
+        Seconds to wait before retry k (times k).
+    stale_after
+        Lock age (other hosts) after which a lock is considered abandoned.
+    torch_threads
+        ``torch.set_num_threads`` for this process (Dask workers start with one thread).
+    gpu_per_worker
+        Pin Dask worker ``k`` of a LocalCluster to GPU ``k`` (multi-GPU machines).
 
     Returns
     -------
@@ -223,61 +422,88 @@ def run_slide(
         The result row (see :data:`RESULT_FIELDS`); ``status`` is ``done``, ``skipped`` (finished
         earlier), ``locked`` (another runner has it) or ``failed``.
     """
-    from wsltool.infer.run import infer_slide
-    from wsltool.store import HeatmapStore
+    from wsltool.infer import run as infer_run
 
     outdir = Path(outdir)
     store = outdir / f"{slide.slide_id}.zarr"
     result_path = outdir / f"{slide.slide_id}.result.json"
     base = {"slide_id": slide.slide_id, "path": str(slide.path), "store": str(store), "host": socket.gethostname()}
-    if result_path.exists() and store.exists():
-        try:
-            prev = json.loads(result_path.read_text())
-            if prev.get("status") == "done" and HeatmapStore.open(store).complete:
-                return {**prev, "status": "skipped"}
-        except (OSError, ValueError, WslError):
-            pass
+    prev = _finished(result_path, store)
+    if prev is not None:
+        return {**prev, "status": "skipped"}
     lock = SlideLock(outdir / f"{slide.slide_id}.lock", stale_after=stale_after)
     if not lock.acquire():
         return {**base, "status": "locked"}
     try:
-        cfg = from_dict(InferConfig, config, source="cohort config")
+        prev = _finished(result_path, store)  # another runner may have finished it before we got the lock
+        if prev is not None:
+            return {**prev, "status": "skipped"}
+        lock.start_heartbeat()
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        cfg = _worker_config(from_dict(InferConfig, config, source="cohort config"), gpu_per_worker)
+        log_event(outdir, slide.slide_id, "start", resume=store.exists(), reclaimed_lock=lock.reclaimed)
         attempts, error = 0, ""
         t0 = time.perf_counter()
         while attempts <= retries:
+            if attempts:
+                time.sleep(retry_wait * attempts)
             attempts += 1
             try:
-                res = infer_slide(slide.path, store, _cached_model(model), cfg, slide_mpp=slide.mpp,
-                                  on_band=lock.refresh)
+                res = infer_run.infer_slide(slide.path, store, _cached_model(model), cfg, slide_mpp=slide.mpp,
+                                            on_band=lock.refresh)
             except WslError as exc:  # bad input: retrying will not help
                 error = str(exc)
                 break
-            except Exception as exc:  # transient (memory, I/O): retry
+            except Exception as exc:  # transient (memory, I/O, a killed reader process): retry
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: attempt %d failed: %s", slide.slide_id, attempts, error)
+                log_event(outdir, slide.slide_id, "retry" if attempts <= retries else "error", attempt=attempts,
+                          error=error.replace("\n", " "))
                 continue
             row = {
                 **base,
                 "status": "done",
                 "predicted": res.predicted,
-                "probs": dict(zip(res.class_names, [round(p, 4) for p in res.probs], strict=True)),
-                "tissue_mm2": round(res.tissue_mm2, 3),
+                "probs": dict(zip(res.class_names, res.probs, strict=True)),
+                "tissue_mm2": round(res.tissue_mm2, 4),
                 "regions": res.regions,
+                "computed": res.computed,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "attempts": attempts,
                 "error": "",
+                "pid": os.getpid(),
+                "finished": time.time(),
             }
             _write_json(result_path, row)
+            log_event(outdir, slide.slide_id, "done", attempts=attempts, computed=res.computed)
             return row
-        row = {**base, "status": "failed", "attempts": attempts, "error": error.replace("\n", " "),
-               "seconds": round(time.perf_counter() - t0, 2)}
+        row = {
+            **base,
+            "store": str(store) if store.exists() else "",
+            "status": "failed",
+            "attempts": attempts,
+            "error": error.replace("\n", " "),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "pid": os.getpid(),
+            "finished": time.time(),
+        }
         _write_json(result_path, row)
+        log_event(outdir, slide.slide_id, "failed", attempts=attempts, error=row["error"])
         return row
     finally:
         lock.release()
 
 
 # -- the table ----------------------------------------------------------------------------------
+
+
+def _fmt_probs(probs: Any) -> str:
+    if isinstance(probs, dict):
+        return ";".join(f"{k}={float(v):.6g}" for k, v in probs.items())
+    return str(probs or "")
 
 
 def write_results(outdir: str | Path, slides: list[CohortSlide]) -> Path:
@@ -290,11 +516,10 @@ def write_results(outdir: str | Path, slides: list[CohortSlide]) -> Path:
             r = json.loads(rp.read_text())
         except (OSError, ValueError):
             r = {"slide_id": s.slide_id, "path": str(s.path), "status": "pending"}
-        probs = r.get("probs") or {}
-        r["probs"] = ";".join(f"{k}={v}" for k, v in probs.items()) if isinstance(probs, dict) else probs
+        r["probs"] = _fmt_probs(r.get("probs"))
         rows.append({k: r.get(k, "") for k in RESULT_FIELDS})
     out = outdir / "results.csv"
-    tmp = outdir / f".results.csv.{os.getpid()}.tmp"
+    tmp = _tmp_name(out)
     with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
         w.writeheader()
@@ -305,7 +530,7 @@ def write_results(outdir: str | Path, slides: list[CohortSlide]) -> Path:
 
 @dataclass
 class CohortSummary:
-    """Counts of a cohort run."""
+    """Counts of a cohort run (``total`` is the number of slides this run was given)."""
 
     total: int
     done: int
@@ -323,16 +548,30 @@ class CohortSummary:
         )
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_cluster_size() -> tuple[int, int]:
-    """(workers, threads per worker): one process per GPU; on CPU one process per 2 cores, 1 thread each."""
+    """``(worker processes, torch threads per worker)`` for a LocalCluster on this machine.
+
+    GPU: one process per GPU. CPU: at least two processes (so one slide's reading, tissue detection and
+    writing overlap another's compute), about four cores each on bigger machines, never more processes
+    than cores. Each Dask worker runs one task at a time.
+    """
     try:
         import torch
 
         if torch.cuda.is_available():
-            return torch.cuda.device_count(), 1
+            return torch.cuda.device_count(), max(1, _cpu_count() // torch.cuda.device_count())
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    return max(1, (os.cpu_count() or 2) // 2), 1
+    cores = _cpu_count()
+    workers = min(cores, max(2, cores // 4))
+    return workers, max(1, cores // workers)
 
 
 def run_cohort(
@@ -343,8 +582,11 @@ def run_cohort(
     *,
     scheduler: str | None = None,
     n_workers: int | None = None,
+    torch_threads: int | None = None,
     shard_spec: str | None = None,
     retries: int = 1,
+    retry_wait: float = 2.0,
+    stale_after: float = 3600.0,
     progress: bool | Callable[[int, int], None] = False,
 ) -> CohortSummary:
     """Run every slide of a cohort CSV into ``outdir``.
@@ -363,19 +605,30 @@ def run_cohort(
         Address of an existing Dask scheduler (``tcp://host:8786``); default: a LocalCluster.
     n_workers
         LocalCluster worker processes (default: :func:`default_cluster_size`).
+    torch_threads
+        Torch threads per task. Default: cores / workers on a LocalCluster; torch's own default in a shard
+        run; unchanged on an existing cluster (Dask starts its workers with ``OMP_NUM_THREADS=1``).
     shard_spec
         ``"i/N"``: run only the i-th share in this process, without Dask (for job arrays).
     retries
         Extra attempts for transient failures.
+    retry_wait
+        Seconds before retry k (times k).
+    stale_after
+        Seconds after which a lock of another host that is not refreshed is reclaimed.
     progress
         ``True`` for a tqdm bar over slides, or ``fn(done, total)``.
+
+    Returns
+    -------
+    CohortSummary
+        Counts and wall time of this run (``results.csv`` holds the whole cohort).
     """
     slides = read_cohort(csv_path)
-    outdir = Path(outdir)
+    outdir = Path(outdir).absolute()
     outdir.mkdir(parents=True, exist_ok=True)
-    if not Path(model).is_file():
-        from wsltool.errors import CheckpointError
-
+    model = Path(model).absolute()
+    if not model.is_file():
         msg = f"{model}: checkpoint not found"
         raise CheckpointError(msg)
     cfg = to_dict(config or InferConfig())
@@ -387,46 +640,65 @@ def run_cohort(
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="slide")
+    last_table = [0.0, 0.0]  # time of the last rewrite, seconds it took
 
     def record(row: dict[str, Any]) -> None:
         rows.append(row)
-        write_results(outdir, slides)
+        log.info("%s: %s %s", row.get("slide_id"), row["status"], row.get("error", ""))
+        now = time.perf_counter()
+        # rebuilding the table reads every result file: at most every few seconds on big cohorts
+        if now - last_table[0] >= max(2.0, 10 * last_table[1]):
+            write_results(outdir, slides)
+            last_table[0], last_table[1] = time.perf_counter(), time.perf_counter() - now
         if bar is not None:
             bar.update(1)
+            bar.set_postfix_str(f"{row['status']} {row.get('slide_id')}")
         elif callable(progress):
             progress(len(rows), len(todo))
 
+    kw: dict[str, Any] = {"retries": retries, "retry_wait": retry_wait, "stale_after": stale_after}
     if shard_spec is not None:
         for s in todo:
-            record(run_slide(s, outdir, str(model), cfg, retries=retries))
+            record(run_slide(s, outdir, str(model), cfg, torch_threads=torch_threads, **kw))
     else:
         import dask
         from distributed import Client, LocalCluster, as_completed
 
         # DataLoader reader processes need non-daemonic Dask workers
         with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = None
+            gpu_per_worker = False
             if scheduler:
                 client = Client(scheduler)
-                cluster = None
             else:
                 nw, nt = default_cluster_size()
+                workers = n_workers or nw
+                if torch_threads is None:
+                    torch_threads = nt if n_workers is None else max(1, _cpu_count() // workers)
+                gpu_per_worker = _has_gpu()
+                log.info("LocalCluster: %d worker processes x %d torch threads", workers, torch_threads)
                 cluster = LocalCluster(
-                    n_workers=n_workers or nw, threads_per_worker=nt, processes=True, dashboard_address=None
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
                 )
                 client = Client(cluster)
             try:
                 futs = [
-                    client.submit(run_slide, s, outdir, str(model), cfg, retries=retries, key=f"slide-{s.slide_id}",
-                                  pure=False)
+                    client.submit(run_slide, s, outdir, str(model), cfg, torch_threads=torch_threads,
+                                  gpu_per_worker=gpu_per_worker, key=f"slide-{s.slide_id}", pure=False, **kw)
                     for s in todo
                 ]
+                by_key = {f.key: s for f, s in zip(futs, todo, strict=True)}
                 for fut in as_completed(futs):
                     try:
                         record(fut.result())
-                    except Exception as exc:  # the worker died (killed, OOM): record and go on
-                        sid = fut.key.removeprefix("slide-") if isinstance(fut.key, str) else str(fut.key)
-                        row = {"slide_id": sid, "status": "failed", "error": f"worker lost: {exc}"}
+                    except Exception as exc:  # the worker died (killed, out of memory) or the task broke
+                        sl = by_key[fut.key]
+                        sid = sl.slide_id
+                        err = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+                        row = {"slide_id": sid, "path": str(sl.path), "status": "failed", "error": err,
+                               "host": "", "finished": time.time()}
                         _write_json(outdir / f"{sid}.result.json", row)
+                        log_event(outdir, sid, "failed", error=err, by="client")
                         record(row)
             finally:
                 client.close()
@@ -435,6 +707,15 @@ def run_cohort(
     if bar is not None:
         bar.close()
     write_results(outdir, slides)
-    count = {k: sum(r["status"] == k for r in rows) for k in ("done", "skipped", "failed", "locked")}
+    count = {k: sum(r["status"] == k for r in rows) for k in STATUSES}
     return CohortSummary(len(todo), count["done"], count["skipped"], count["failed"], count["locked"],
                          time.perf_counter() - t0)
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False

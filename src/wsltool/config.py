@@ -234,6 +234,9 @@ class InferConfig:
         M+ threshold of the binary mask.
     top_k
         Slide score = mean of the ``top_k`` highest region probabilities of each class.
+    chunk
+        Chunk side of the output store in output pixels (also the height of the row bands that are
+        flushed as soon as final: memory grows with ``chunk x slide width``).
     """
 
     mpp: float | None = None
@@ -248,8 +251,10 @@ class InferConfig:
     tissue_mpp: float = 8.0
     threshold: float = 0.5
     top_k: int = 5
+    chunk: int = 512
 
     def __post_init__(self) -> None:
+        _check(16 <= self.chunk <= 4096, f"InferConfig.chunk must be in [16, 4096], got {self.chunk}")
         _check(self.mpp is None or 0.05 <= self.mpp <= 100, f"InferConfig.mpp out of range: {self.mpp}")
         _check(self.region is None or self.region >= 16, f"InferConfig.region must be >= 16, got {self.region}")
         _check(self.overlap >= 0, f"InferConfig.overlap must be >= 0, got {self.overlap}")
@@ -446,6 +451,9 @@ class TrainConfig:
         DataLoader worker processes.
     eval_every
         Validate every this many epochs (and at the last epoch).
+    select
+        Checkpoint (``best.pt``) selection without masks: ``"error_loss"`` (validation error, then validation
+        loss), ``"loss"`` or ``"last"``; ties go to the later epoch.
     """
 
     epochs: int = 60
@@ -470,6 +478,7 @@ class TrainConfig:
     amp: bool = True
     workers: int = 0
     eval_every: int = 1
+    select: typing.Literal["error_loss", "loss", "last"] = "error_loss"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"TrainConfig.epochs must be >= 1, got {self.epochs}")

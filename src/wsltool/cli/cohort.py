@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 
@@ -14,22 +15,34 @@ def register(sub: Any) -> None:
         "infer",
         help="infer every slide of COHORT.csv into OUTDIR/<slide-id>.zarr, with OUTDIR/results.csv",
         description="One task per slide. Finished slides are skipped, half-done ones resume, failures are "
-        "recorded and do not stop the cohort. Default: a Dask LocalCluster sized to this machine.",
+        "recorded and do not stop the cohort (exit status 1 when a slide failed). Default: a Dask LocalCluster "
+        "sized to this machine; --scheduler uses an existing Dask cluster; --shard i/N runs one share without "
+        "Dask (job arrays). Several runners may work on the same OUTDIR at once.",
     )
     q.add_argument("cohort", help="CSV with a 'path' column (optional 'id', 'mpp'); paths relative to the CSV")
     q.add_argument("-o", "--out", required=True, help="output folder")
     q.add_argument("--model", required=True, help="checkpoint")
     q.add_argument("--scheduler", default=None, help="existing Dask scheduler address (tcp://host:8786)")
-    q.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+    q.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes (default: sized to "
+                   "the machine: one per GPU, or >= 2 on CPU)")
+    q.add_argument("--torch-threads", type=int, default=None, help="torch threads per slide task (default: "
+                   "cores / workers on a LocalCluster)")
     q.add_argument("--shard", default=None, help="run only share i of N (0-based, e.g. 0/4), without Dask")
     q.add_argument("--retries", type=int, default=1, help="extra attempts for transient failures (default 1)")
+    q.add_argument("--retry-wait", type=float, default=2.0, help="seconds before retry k, times k (default 2)")
+    q.add_argument("--stale-after", type=float, default=3600.0, help="seconds after which an unrefreshed lock of "
+                   "another host is reclaimed (default 3600; locks of dead processes on this host at once)")
     q.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
-    q.add_argument("--overlap", type=int, default=64)
-    q.add_argument("--out-factor", type=int, default=8)
-    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
+    q.add_argument("--overlap", type=int, default=64, help="overlap between regions in px (default 64)")
+    q.add_argument("--out-factor", type=int, default=8, help="output pixel = N input pixels (default 8)")
+    q.add_argument("--batch", type=int, default=8, help="regions per batch (default 8)")
     q.add_argument("--readers", type=int, default=1, help="reader processes per slide (default 1)")
-    q.add_argument("--device", default="auto")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    q.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    q.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
+    q.add_argument("--top-k", type=int, default=5, help="slide score = mean of the top-k regions (default 5)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run)
 
 
@@ -38,13 +51,21 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.cohort import run_cohort
     from wsltool.config import InferConfig
 
+    if not getattr(args, "verbose", 0):
+        # Dask logs every worker start and stop at INFO
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     cfg = InferConfig(
         mpp=args.mpp,
+        region=args.region,
         overlap=args.overlap,
         out_factor=args.out_factor,
         batch_size=args.batch,
         workers=args.readers,
         device=args.device,
+        amp=not args.no_amp,
+        threshold=args.threshold,
+        top_k=args.top_k,
     )
     summary = run_cohort(
         args.cohort,
@@ -53,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
         cfg,
         scheduler=args.scheduler,
         n_workers=args.workers,
+        torch_threads=args.torch_threads,
         shard_spec=args.shard,
         retries=args.retries,
+        retry_wait=args.retry_wait,
+        stale_after=args.stale_after,
         progress=not args.quiet,
     )
     print(summary.line())

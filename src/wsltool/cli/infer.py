@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     p.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
     p.add_argument("--top-k", type=int, default=5, help="slide score = mean of the top-k regions (default 5)")
+    p.add_argument("--chunk", type=int, default=512, help="store chunk side in output px (default 512)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace a finished store")
     g.add_argument("--no-resume", action="store_true", help="refuse to continue an incomplete store")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         threshold=args.threshold,
         top_k=args.top_k,
+        chunk=args.chunk,
     )
     res = infer_slide(
         args.slide,

@@ -219,6 +219,13 @@ def infer_slide(
         pos = class_names.index(pos_name) if pos_name in class_names else len(class_names) - 1
         mpp = cfg.mpp or meta.get("mpp") or 1.0
         region = cfg.region or int(meta.get("input_size") or 512)
+        trained = meta.get("input_size")
+        if trained and not 0.5 * trained <= region <= 2 * trained:
+            msg = (
+                f"region {region} px is far from the checkpoint's input size {trained} px (allowed 0.5x-2x): "
+                "the model's pooling was trained on that context; omit --region"
+            )
+            raise CheckpointError(msg)
         if cfg.overlap >= region:
             msg = f"overlap {cfg.overlap} must be smaller than the region size {region}"
             raise ConfigError(msg)
@@ -270,6 +277,7 @@ def infer_slide(
             slide_mpp=base_mpp,
             channel_names=["M+", *class_names],
             provenance=provenance,
+            chunk=cfg.chunk,
             overwrite=overwrite,
             resume=resume,
         )

@@ -1,8 +1,14 @@
-"""napari readers: slides as lazy multiscale RGB layers in micrometre world coordinates."""
+"""napari readers: slides as lazy multiscale RGB layers, heatmap stores as overlays, in micrometres.
+
+World coordinates are micrometres whenever the slide's mpp is known: a slide layer has
+``scale = (mpp, mpp)`` and a heatmap store's layers carry the scale and translation of
+:func:`wsltool.store.level_transforms`, so a heatmap lies exactly over its slide.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,29 +19,50 @@ log = logging.getLogger(__name__)
 
 LayerData = tuple[Any, dict[str, Any], str]
 
+SLIDE_CHUNK = 512
+"""Side of the dask chunks a slide level is read in (pixels)."""
+
+MIN_LEVEL_SIDE = 64
+"""Pyramid levels whose shorter side is below this are not shown (napari needs none that small)."""
+
+PARTIAL_SUFFIX = ".wsltool-partial"
+"""A store being overwritten is written to the hidden sibling ``.NAME.wsltool-partial`` (see
+:meth:`wsltool.store.HeatmapStore.create`); the Localize widget shows it while it grows."""
+
 
 def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Dask arrays over every pyramid level of a slide, with the layer metadata.
 
     Chunks are read on demand through :class:`wsltool.slide.Slide`, so nothing is read at full
-    resolution until napari asks for it.
+    resolution until napari asks for it (napari reads only the chunks in view, at the level that
+    matches the zoom).
+
+    Parameters
+    ----------
+    path
+        A slide :func:`wsltool.slide.open_slide` reads.
+    mpp
+        Level-0 mpp override for slides whose metadata lacks it.
 
     Returns
     -------
     (levels, metadata)
-        ``levels`` is a list of ``(H, W, 3)`` uint8 dask arrays, finest first; ``metadata`` holds
-        the world scale (micrometres per pixel when known, else 1) and the slide's info.
+        ``levels`` is a list of ``(H, W, 3)`` uint8 dask arrays, finest first (levels whose shorter
+        side is below :data:`MIN_LEVEL_SIDE` are left out); ``metadata`` holds the world ``scale``
+        (micrometres per pixel when known, else 1) and the slide's ``info``.
     """
-    import dask
     import dask.array as da
 
     from wsltool.slide import open_slide
 
     slide = open_slide(path, mpp=mpp)
-    chunk = 512
+    # a unique name per call: napari's dask cache must never serve chunks of another file (or of an
+    # older version of this one) under the same key
+    token = uuid.uuid4().hex[:12]
     levels = []
+    last_w = None
     for lvl, (w, h) in enumerate(slide.level_dimensions):
-        if lvl > 0 and min(w, h) < 64:
+        if lvl > 0 and (min(w, h) < MIN_LEVEL_SIDE or (last_w is not None and w >= last_w)):
             break
 
         def read(block_info: dict[Any, Any] | None = None, _lvl: int = lvl) -> np.ndarray:
@@ -43,12 +70,11 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
             (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
             return slide._read_level_padded(_lvl, x0, y0, x1 - x0, y1 - y0)
 
-        arr = da.map_blocks(read, dtype=np.uint8, chunks=(da.core.normalize_chunks((chunk, chunk, 3), (h, w, 3))))
-        levels.append(arr)
+        chunks = da.core.normalize_chunks((SLIDE_CHUNK, SLIDE_CHUNK, 3), (h, w, 3))
+        levels.append(da.map_blocks(read, dtype=np.uint8, chunks=chunks, name=f"wsltool-slide-{token}-{lvl}"))
+        last_w = w
     mpp_used = slide.mpp_or_none or 1.0
-    info = slide.info()
-    del dask
-    return levels, {"scale": (mpp_used, mpp_used), "info": info}
+    return levels, {"scale": (mpp_used, mpp_used), "info": slide.info()}
 
 
 def get_slide_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
@@ -60,15 +86,19 @@ def get_slide_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] 
 
     try:
         choose_backend(path)
-    except WslError:
+    except (WslError, OSError):
         return None
     return read_slide
 
 
-def read_slide(path: str | list[str]) -> list[LayerData]:
-    """Read a slide as one multiscale RGB image layer (scale in micrometres when mpp is known)."""
-    p = path[0] if isinstance(path, list) else path
-    levels, meta = slide_pyramid(p)
+def read_slide(path: str | list[str], mpp: float | None = None) -> list[LayerData]:
+    """Read a slide as one multiscale RGB image layer (scale in micrometres when mpp is known).
+
+    The layer's ``metadata["wsltool"]`` holds ``kind="slide"`` and the slide's info (path, mpp, levels,
+    ...): the Localize and Retrain widgets find slides by it.
+    """
+    p = str(path[0] if isinstance(path, list) else path)
+    levels, meta = slide_pyramid(p, mpp=mpp)
     info = meta["info"]
     kwargs = {
         "name": Path(p).name,
@@ -76,6 +106,7 @@ def read_slide(path: str | list[str]) -> list[LayerData]:
         "multiscale": len(levels) > 1,
         "scale": meta["scale"],
         "units": ("micrometer", "micrometer") if info["mpp"] else ("pixel", "pixel"),
+        "contrast_limits": (0, 255),
         "metadata": {"wsltool": {"kind": "slide", **info}},
     }
     data = levels if len(levels) > 1 else levels[0]
@@ -86,7 +117,7 @@ def read_slide(path: str | list[str]) -> list[LayerData]:
 
 
 def is_store(path: str | Path) -> bool:
-    """True when ``path`` is a wsltool heatmap store (a zarr group with ``wsltool`` attributes)."""
+    """True when ``path`` is a wsltool heatmap store (a zarr v3 group with ``wsltool`` attributes)."""
     p = Path(path)
     meta = p / "zarr.json"
     if not (p.is_dir() and meta.is_file()):
@@ -95,64 +126,121 @@ def is_store(path: str | Path) -> bool:
         import json
 
         return "wsltool" in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 
-def store_layers(path: str | Path, *, opacity: float = 0.5) -> list[LayerData]:
+def heat_colormap() -> Any:
+    """Inferno whose low values fade to transparent, so the slide shows through where M+ is low."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    colors = np.array(ensure_colormap("inferno").colors, dtype=np.float32).copy()
+    x = np.linspace(0.0, 1.0, len(colors))
+    colors[:, 3] = np.clip((x - 0.05) / 0.3, 0.0, 1.0)
+    return Colormap(colors, name="wsltool-inferno", display_name="inferno (transparent low)")
+
+
+def label_colormap(rgba: tuple[float, float, float, float]) -> Any:
+    """A labels colormap: 0 transparent, 1 the given colour."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: rgba})
+
+
+def store_transform(st: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Level-0 ``(scale, translate)`` of a store's layers in micrometres (from ``level_transforms``)."""
+    from wsltool.store import level_transforms
+
+    tf = level_transforms(st.out_mpp, st.slide_mpp, 0, ndim=2)
+    s = next(t["scale"] for t in tf if t["type"] == "scale")
+    t = next((t["translation"] for t in tf if t["type"] == "translation"), (0.0, 0.0))
+    return (float(s[0]), float(s[1])), (float(t[0]), float(t[1]))
+
+
+def store_layers(path: str | Path, *, opacity: float = 0.7, name: str | None = None) -> list[LayerData]:
     """Layers of a heatmap store: M+ (inferno), the class maps (hidden), the mask and tissue labels.
 
-    A store that is still being written opens too: its level 0 shows the finished row bands (the
-    pyramid and the labels appear once it is complete). World coordinates are micrometres, the same as
-    the slide reader's, so the heatmap lies exactly over the slide.
+    A store that is still being written opens too: its level 0 (read now, as it is) shows the
+    finished row bands; the pyramid and the labels appear once it is complete.  World coordinates
+    are micrometres, the same as the slide reader's, so the heatmap lies exactly over the slide.
+
+    Parameters
+    ----------
+    path
+        The store folder.
+    opacity
+        Opacity of the heatmap layers.
+    name
+        Layer name prefix (default: the folder name without ``.zarr``).
     """
     import dask.array as da
 
-    from wsltool.store import HeatmapStore, level_transforms
+    from wsltool.store import HeatmapStore
 
     st = HeatmapStore.open(path)
     complete = st.complete
-    levels = st.levels if complete else st.levels[:1]
-    tf = level_transforms(st.out_mpp, st.slide_mpp, 0, ndim=2)
-    scale = tuple(next(t["scale"] for t in tf if t["type"] == "scale"))
-    translate = tuple(next((t["translation"] for t in tf if t["type"] == "translation"), (0.0, 0.0)))
-    name = Path(path).name.removesuffix(".zarr")
+    scale, translate = store_transform(st)
+    prefix = name or Path(path).name.removesuffix(".zarr")
     state = "" if complete else " (incomplete)"
-    meta = {"wsltool": {"kind": "heatmap", "store": str(path), "complete": complete, "result": st.result,
-                        "provenance": st.provenance}}
+    meta = {
+        "wsltool": {
+            "kind": "heatmap",
+            "store": str(Path(path).absolute()),
+            "complete": complete,
+            "result": st.result,
+            "threshold": st.threshold,
+            "provenance": st.provenance,
+        }
+    }
     common = {"scale": scale, "translate": translate, "units": ("micrometer", "micrometer")}
+    token = uuid.uuid4().hex[:12]  # fresh dask keys: a rewritten store must not be served from a cache
     out: list[LayerData] = []
     for c, cname in enumerate(st.channel_names):
-        data = [da.from_zarr(a)[c] for a in levels]
+        data: list[Any]
+        if complete:
+            data = [da.from_zarr(a, name=f"wsltool-heat-{token}-{i}")[c] for i, a in enumerate(st.levels)]
+        else:
+            data = [np.asarray(st.levels[0][c], dtype=np.float32)]  # small; a snapshot of what is done
         kw = {
             **common,
-            "name": f"{name} {cname}{state}",
-            "colormap": "inferno" if c == 0 else "viridis",
+            "name": f"{prefix} {cname}{state}",
+            "colormap": heat_colormap() if c == 0 else "viridis",
             "opacity": opacity,
             "contrast_limits": (0.0, 1.0),
             "blending": "translucent",
             "visible": c == 0,
             "multiscale": len(data) > 1,
-            "metadata": {**meta, "channel": cname},
+            "metadata": {"wsltool": {**meta["wsltool"], "channel": cname}},
         }
         out.append((data if len(data) > 1 else data[0], kw, "image"))
     if complete:
-        for lname in ("mask", "tissue"):
-            arrs = [da.from_zarr(st.label_array(lname, i)) for i in range(len(levels))]
+        for lname, rgba, contour in (("mask", (0.0, 1.0, 1.0, 1.0), 1), ("tissue", (0.0, 0.63, 1.0, 1.0), 0)):
+            arrs = [
+                da.from_zarr(st.label_array(lname, i), name=f"wsltool-{lname}-{token}-{i}")
+                for i in range(len(st.levels))
+            ]
             kw = {
                 **common,
-                "name": f"{name} {lname}",
-                "opacity": 0.6 if lname == "mask" else 0.3,
+                "name": f"{prefix} {lname}",
+                "opacity": 0.9 if lname == "mask" else 0.3,
+                "colormap": label_colormap(rgba),
                 "visible": lname == "mask",
                 "multiscale": len(arrs) > 1,
-                "metadata": {**meta, "label": lname},
+                "metadata": {"wsltool": {**meta["wsltool"], "label": lname}},
             }
+            if contour:
+                kw["contour"] = contour
             out.append((arrs if len(arrs) > 1 else arrs[0], kw, "labels"))
     return out
 
 
+def read_store(path: str | list[str]) -> list[LayerData]:
+    """npe2 reader function for heatmap stores."""
+    return store_layers(path[0] if isinstance(path, list) else path)
+
+
 def get_store_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook for wsltool heatmap stores (``*.zarr`` folders)."""
+    """npe2 reader hook for wsltool heatmap stores (``*.zarr`` folders); ``None`` for anything else."""
     if isinstance(path, list) or not is_store(path):
         return None
-    return lambda p: store_layers(p[0] if isinstance(p, list) else p)
+    return read_store

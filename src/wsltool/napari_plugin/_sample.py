@@ -34,15 +34,22 @@ def make_sample(folder: Path) -> tuple[Path, Path]:
     tissue = c.tissue[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3)) > 0.5
     heat = np.clip(ndimage.gaussian_filter(lesion, 2.0) * 1.3, 0, 1) * tissue
     maps = np.stack([heat, 1 - heat, heat]).astype(np.float32)
-    st = HeatmapStore.create(store, shape_yx=(h, w), out_mpp=0.5 * f, slide_mpp=0.5,
-                             channel_names=["M+", "benign", "malignant"],
-                             provenance={"sample": "illustrative heatmap from the known lesion mask"},
-                             overwrite=True)
+    st = HeatmapStore.create(
+        store,
+        shape_yx=(h, w),
+        out_mpp=0.5 * f,
+        slide_mpp=0.5,
+        channel_names=["M+", "benign", "malignant"],
+        provenance={"sample": "illustrative heatmap from the known lesion mask"},
+        overwrite=True,
+    )
     stitch = Stitcher(st, np.array([[0, 0, h, w]]), overlap=0)
     stitch.add(0, maps)
-    stitch.finalize(result={"class_names": ["benign", "malignant"], "probs": [0.05, 0.95],
-                            "predicted": "malignant"},
-                    tissue=tissue, tissue_mpp=0.5 * f)
+    stitch.finalize(
+        result={"class_names": ["benign", "malignant"], "probs": [0.05, 0.95], "predicted": "malignant"},
+        tissue=tissue,
+        tissue_mpp=0.5 * f,
+    )
     return slide, store
 
 

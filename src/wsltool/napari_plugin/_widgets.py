@@ -1,16 +1,20 @@
 """The Localize and Retrain dock widgets (magicgui containers; thin: settings -> a worker-process job).
 
 Both run their work through :class:`~wsltool.napari_plugin._jobs.ProcessJob`, polled by a Qt timer, so
-the viewer stays responsive, never imports torch, and survives a crash of the job.
+the viewer stays responsive, never imports torch, and survives a crash of the job.  Bad input is
+reported as a napari notification, never as a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -28,23 +32,34 @@ from magicgui.widgets import (
 from qtpy.QtCore import QTimer
 
 from wsltool.napari_plugin._jobs import ProcessJob
+from wsltool.napari_plugin._reader import PARTIAL_SUFFIX
 
 if TYPE_CHECKING:
     import napari
 
 log = logging.getLogger(__name__)
 
-_LOCALIZERS: list[LocalizeWidget] = []
+_LOCALIZERS: weakref.WeakSet[LocalizeWidget] = weakref.WeakSet()
+
+LOCALIZE_TASK = "wsltool.napari_plugin._tasks:localize"
+RETRAIN_TASK = "wsltool.napari_plugin._tasks:retrain"
 
 
 def _notify(msg: str, kind: str = "error") -> None:
+    """Show ``msg`` as a napari notification (``kind``: ``error``, ``warning`` or ``info``)."""
     from napari.utils import notifications
 
+    log.info("%s: %s", kind, msg)
     getattr(notifications, f"show_{kind}")(msg)
 
 
 def _slide_layers(viewer: napari.Viewer) -> list[Any]:
     return [ly for ly in viewer.layers if (ly.metadata.get("wsltool") or {}).get("kind") == "slide"]
+
+
+def _partial_path(store: Path) -> Path:
+    """Where :meth:`wsltool.store.HeatmapStore.create` writes while a complete store is overwritten."""
+    return store.with_name(f".{store.name}{PARTIAL_SUFFIX}")
 
 
 class LocalizeWidget(Container):
@@ -54,82 +69,129 @@ class LocalizeWidget(Container):
     ----------
     napari_viewer
         The viewer (injected by napari).
+    config
+        Extra :class:`wsltool.config.InferConfig` settings merged into what the fields give (for
+        example ``{"workers": 0, "batch_size": 16}``).
     """
 
-    def __init__(self, napari_viewer: napari.Viewer) -> None:
+    def __init__(self, napari_viewer: napari.Viewer, *, config: dict[str, Any] | None = None) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.slide = ComboBox(label="slide", choices=self._slide_choices)
-        self.model = FileEdit(label="checkpoint", filter="*.pt", mode="r")
+        self.config: dict[str, Any] = {"workers": 1, **(config or {})}
+        self.slide = ComboBox(label="slide", choices=self._slide_choices, nullable=False)
+        self.model = FileEdit(label="checkpoint", filter="*.pt", mode=FileDialogMode.EXISTING_FILE)
         self.slide_mpp = FloatSpinBox(label="slide mpp (0 = file)", value=0.0, min=0.0, max=20.0, step=0.01)
         self.mpp = FloatSpinBox(label="input mpp (0 = model)", value=0.0, min=0.0, max=20.0, step=0.05)
+        self.region = SpinBox(label="region px (0 = model)", value=0, min=0, max=4096, step=16)
         self.overlap = SpinBox(label="overlap px", value=64, min=0, max=1024, step=8)
-        self.out = FileEdit(label="output store", mode="d", value="")
+        self.out = FileEdit(label="output store", mode=FileDialogMode.EXISTING_DIRECTORY)
         self.run_btn = PushButton(text="Localize")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="regions", value=0, min=0, max=1)
         self.result = Label(label="slide result", value="-")
         self.threshold = FloatSlider(label="mask threshold", value=0.5, min=0.05, max=0.95, step=0.05)
-        self.export_btn = PushButton(text="Export GeoJSON + PNG", enabled=False)
-        self.extend([self.slide, self.model, self.slide_mpp, self.mpp, self.overlap, self.out, self.run_btn,
-                     self.cancel_btn, self.progress, self.result, self.threshold, self.export_btn])
+        self.export_btn = PushButton(text="Export GeoJSON + PNG")
+        self.extend(
+            [
+                self.slide,
+                self.model,
+                self.slide_mpp,
+                self.mpp,
+                self.region,
+                self.overlap,
+                self.out,
+                self.run_btn,
+                self.cancel_btn,
+                self.progress,
+                self.result,
+                self.threshold,
+                self.export_btn,
+            ]
+        )
         self.run_btn.changed.connect(self.start)
         self.cancel_btn.changed.connect(self.cancel)
         self.threshold.changed.connect(self._apply_threshold)
         self.export_btn.changed.connect(self.export)
-        self.viewer.layers.events.inserted.connect(lambda e: self.slide.reset_choices())
-        self.viewer.layers.events.removed.connect(lambda e: self.slide.reset_choices())
+        self.viewer.layers.events.inserted.connect(self._layers_changed)
+        self.viewer.layers.events.removed.connect(self._layers_changed)
         self.job: ProcessJob | None = None
         self.store: Path | None = None
         self.last_result: dict[str, Any] | None = None
+        self._last_refresh = 0.0
         self._timer = QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
-        _LOCALIZERS.append(self)
+        self.native.destroyed.connect(self._timer.stop)
+        _LOCALIZERS.add(self)
 
     def _slide_choices(self, _w: Any = None) -> list[tuple[str, Any]]:
         return [(ly.name, ly) for ly in _slide_layers(self.viewer)]
 
+    def _layers_changed(self, _e: Any = None) -> None:
+        try:
+            self.slide.reset_choices()
+        except RuntimeError:  # the Qt widget is gone (viewer closed)
+            pass
+
+    @property
+    def running(self) -> bool:
+        """Whether a job is running."""
+        return self.job is not None and not self.job.finished
+
     # -- actions ---------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, _v: Any = None) -> None:
         """Validate the inputs and start inference in a worker process."""
+        if self.running:
+            return
         layer = self.slide.value
         if layer is None:
             _notify("Localize: open a slide first (File > Open, or drag a slide onto the viewer)")
             return
         info = layer.metadata["wsltool"]
-        model = Path(str(self.model.value))
-        if not model.is_file() or model.suffix != ".pt":
-            _notify(f"Localize: choose a checkpoint file (.pt); {model} is not one")
+        model_txt = str(self.model.value or "")
+        model = Path(model_txt)
+        if model_txt in ("", ".") or not model.is_file() or model.suffix != ".pt":
+            _notify(f"Localize: choose a checkpoint file (.pt); {model_txt or 'nothing'} is not one")
             return
         if info.get("mpp") is None and not self.slide_mpp.value:
-            _notify(f"Localize: {Path(info['path']).name} has no usable mpp; set 'slide mpp'")
+            _notify(
+                f"Localize: {Path(info['path']).name} has no usable mpp (microns per pixel) in its metadata;"
+                " set 'slide mpp'"
+            )
             return
-        out_txt = str(self.out.value)
+        out_txt = str(self.out.value or "")
         out = Path(out_txt) if out_txt not in ("", ".") else Path(info["path"]).with_suffix(".wsltool.zarr")
         if out.suffix != ".zarr":
             out = out / (Path(info["path"]).stem + ".zarr")
-        self.store = out
-        cfg: dict[str, Any] = {"overlap": int(self.overlap.value), "workers": 1}
+        self.store = out.absolute()
+        cfg: dict[str, Any] = {"overlap": int(self.overlap.value), **self.config}
         if self.mpp.value:
             cfg["mpp"] = float(self.mpp.value)
-        self.job = ProcessJob(
-            "wsltool.napari_plugin._tasks:localize",
-            slide=info["path"],
-            out=str(out),
-            model=str(model),
-            slide_mpp=float(self.slide_mpp.value) or None,
-            config=cfg,
-            overwrite=True,
-        ).start()
+        if self.region.value:
+            cfg["region"] = int(self.region.value)
+        try:
+            self.job = ProcessJob(
+                LOCALIZE_TASK,
+                slide=str(info["path"]),
+                out=str(self.store),
+                model=str(model.absolute()),
+                slide_mpp=float(self.slide_mpp.value) or None,
+                config=cfg,
+                overwrite=True,
+            ).start()
+        except Exception as exc:  # e.g. no more processes
+            _notify(f"Localize: cannot start the worker process: {exc}")
+            return
         self.run_btn.enabled, self.cancel_btn.enabled = False, True
         self.result.value = "running..."
-        self.progress.value = 0
+        self.progress.max, self.progress.value = 1, 0
+        self.last_result = None
+        self._last_refresh = 0.0
         self._timer.start()
 
-    def cancel(self) -> None:
-        """Stop the running job at its next batch (the store stays resumable)."""
-        if self.job is not None:
+    def cancel(self, _v: Any = None) -> None:
+        """Stop the running job at its next batch (the store stays incomplete and resumable)."""
+        if self.running and self.job is not None:
             self.job.cancel()
             self.result.value = "cancelling..."
 
@@ -139,75 +201,125 @@ class LocalizeWidget(Container):
         for kind, payload in self.job.poll():
             if kind == "progress":
                 done, total = payload
-                self.progress.max = max(1, total)
-                self.progress.value = done
+                self.progress.max = max(1, int(total))
+                self.progress.value = min(int(done), self.progress.max)
             elif kind == "band":
-                self._show_store()
+                if time.monotonic() - self._last_refresh > 1.0:
+                    self._show_store()
             elif kind == "done":
                 self.last_result = payload
                 probs = ", ".join(f"{k} {v:.2f}" for k, v in payload["probs"].items())
-                self.result.value = f"{payload['predicted']} ({probs})"
+                self.result.value = f"{payload['predicted']} ({probs}); {payload['regions']} regions"
+                self.progress.value = self.progress.max
                 self._show_store()
-                self.export_btn.enabled = True
             elif kind == "error":
-                self.result.value = "cancelled" if self.job.cancelled else "failed"
-                if not self.job.cancelled:
+                if self.job.cancelled:
+                    self.result.value = "cancelled (run again to resume)"
+                    self._show_store()
+                else:
+                    self.result.value = "failed"
                     _notify(f"Localize: {payload}")
         if self.job.finished:
             self._timer.stop()
             self.run_btn.enabled, self.cancel_btn.enabled = True, False
 
     def _show_store(self) -> None:
+        """(Re)load the store's layers over the slide; while running, the part written so far."""
         from wsltool.napari_plugin._reader import store_layers
 
-        if self.store is None or not self.store.exists():
+        if self.store is None:
             return
-        try:
-            layers = store_layers(self.store)
-        except Exception as exc:  # a store mid-swap: try at the next band
-            log.debug("store not readable yet: %s", exc)
+        src = self.store
+        partial = _partial_path(self.store)
+        if self.running and partial.exists():
+            src = partial
+        if not src.exists():
             return
         prefix = self.store.name.removesuffix(".zarr")
+        try:
+            layers = store_layers(src, name=prefix)
+        except Exception as exc:  # a store mid-write or mid-swap: try again at the next band
+            log.debug("store not readable yet: %s", exc)
+            return
+        self._last_refresh = time.monotonic()
+        old = {}
         for ly in [ly for ly in self.viewer.layers if ly.name.startswith(prefix + " ")]:
+            old[ly.name.removesuffix(" (incomplete)")] = (ly.visible, ly.opacity)
             self.viewer.layers.remove(ly)
         for data, kw, kind in layers:
+            key = kw["name"].removesuffix(" (incomplete)")
+            if key in old:
+                kw["visible"], kw["opacity"] = old[key]
             getattr(self.viewer, f"add_{kind}")(data, **kw)
         self._apply_threshold()
 
+    def current_store(self) -> Path | None:
+        """The store the threshold and export act on: this widget's last one, else the top heatmap layer's."""
+        if self.store is not None and self.store.exists():
+            return self.store
+        for ly in reversed(list(self.viewer.layers)):
+            meta = ly.metadata.get("wsltool") or {}
+            if meta.get("kind") == "heatmap" and meta.get("complete"):
+                return Path(meta["store"])
+        return None
+
     def _apply_threshold(self, _v: Any = None) -> None:
-        """Show the M+ >= threshold contour as the mask layer (recomputed from the stored M+)."""
-        if self.store is None:
-            return
-        prefix = self.store.name.removesuffix(".zarr")
-        mask_layers = [ly for ly in self.viewer.layers if ly.name == f"{prefix} mask"]
-        heat = [ly for ly in self.viewer.layers if ly.name == f"{prefix} M+"]
-        if not mask_layers or not heat:
-            return
+        """Show ``M+ >= threshold`` within tissue as the mask layer (recomputed from the stored M+)."""
         import numpy as np
 
+        from wsltool.napari_plugin._reader import label_colormap
         from wsltool.store import HeatmapStore
 
-        st = HeatmapStore.open(self.store)
-        m = (st.mplus(0) >= float(self.threshold.value)) & (st.tissue(0) > 0)
+        store = self.current_store()
+        if store is None:
+            return
+        mask_layers = [
+            ly
+            for ly in self.viewer.layers
+            if (ly.metadata.get("wsltool") or {}).get("store") == str(store)
+            and (ly.metadata.get("wsltool") or {}).get("label") == "mask"
+        ]
+        if not mask_layers:
+            return
+        try:
+            st = HeatmapStore.open(store)
+            if not st.complete:
+                return
+            m = ((st.mplus(0) >= float(self.threshold.value)) & (st.tissue(0) > 0)).astype(np.uint8)
+        except Exception as exc:
+            log.debug("threshold: store not readable: %s", exc)
+            return
         ly = mask_layers[0]
-        if ly.multiscale:
+        if ly.multiscale:  # replace the stored (multiscale) mask by the re-thresholded level 0
+            idx = self.viewer.layers.index(ly)
+            kw = {
+                "name": ly.name,
+                "scale": ly.scale,
+                "translate": ly.translate,
+                "opacity": ly.opacity,
+                "visible": ly.visible,
+                "colormap": label_colormap((0.0, 1.0, 1.0, 1.0)),
+                "metadata": dict(ly.metadata),
+            }
             self.viewer.layers.remove(ly)
-            self.viewer.add_labels(m.astype(np.uint8), name=f"{prefix} mask", scale=heat[0].scale,
-                                   translate=heat[0].translate, opacity=0.6,
-                                   metadata={"wsltool": {"kind": "mask", "store": str(self.store)}})
+            new = self.viewer.add_labels(m, **kw)
+            new.contour = 1
+            self.viewer.layers.move(self.viewer.layers.index(new), idx)
         else:
-            ly.data = m.astype(np.uint8)
+            ly.data = m
 
-    def export(self) -> None:
+    def export(self, _v: Any = None) -> None:
         """Write GeoJSON contours (at the slider's threshold) and a preview PNG next to the store."""
         from wsltool.export import preview_png, write_geojson
 
-        if self.store is None:
+        store = self.current_store()
+        if store is None:
+            _notify("Export: no finished heatmap store (run Localize or open a store first)")
             return
-        base = self.store.with_suffix("")
+        base = store.with_suffix("")
         try:
-            n = write_geojson(self.store, f"{base}.geojson", threshold=float(self.threshold.value))
-            preview_png(self.store, f"{base}.png")
+            n = write_geojson(store, f"{base}.geojson", threshold=float(self.threshold.value))
+            preview_png(store, f"{base}.png")
         except Exception as exc:
             _notify(f"Export: {exc}")
             return
@@ -221,47 +333,87 @@ class RetrainWidget(Container):
     ----------
     napari_viewer
         The viewer (injected by napari).
+    mil, model, train
+        Extra :class:`~wsltool.config.MilConfig`, :class:`~wsltool.config.ModelConfig` and
+        :class:`~wsltool.config.TrainConfig` settings (for example a small ``region`` for quick runs).
     """
 
-    def __init__(self, napari_viewer: napari.Viewer) -> None:
+    def __init__(
+        self,
+        napari_viewer: napari.Viewer,
+        *,
+        mil: dict[str, Any] | None = None,
+        model: dict[str, Any] | None = None,
+        train: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        self.mil_settings: dict[str, Any] = dict(mil or {})
+        self.model_settings: dict[str, Any] = dict(model or {})
+        self.train_settings: dict[str, Any] = {"batch_size": 8, "num_threads": 0, **(train or {})}
         self.table = Table(value={"data": [], "columns": ["path", "label"]}, label="slides")
-        self.add_open = PushButton(text="Add open slides")
-        self.csv = FileEdit(label="or load slides.csv", filter="*.csv", mode="r", value="")
         self.labels_txt = ComboBox(label="label for added", choices=["benign", "malignant"], value="benign")
+        self.add_open = PushButton(text="Add open slides")
+        self.csv = FileEdit(label="or load slides.csv", filter="*.csv", mode=FileDialogMode.EXISTING_FILE)
         self.epochs = SpinBox(label="epochs", value=10, min=1, max=1000)
         self.finetune = CheckBox(label="fine-tune checkpoint below", value=False)
-        self.init = FileEdit(label="checkpoint", filter="*.pt", mode="r", value="")
-        self.out = FileEdit(label="output folder", mode="d", value=tempfile.gettempdir())
+        self.init = FileEdit(label="checkpoint", filter="*.pt", mode=FileDialogMode.EXISTING_FILE)
+        self.out = FileEdit(
+            label="output folder",
+            mode=FileDialogMode.OPTIONAL_FILE,
+            value=Path(tempfile.gettempdir()) / "wsltool-retrain",
+        )
         self.run_btn = PushButton(text="Train")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="epochs", value=0, min=0, max=1)
         self.log = TextEdit(label="log", value="")
         self.status = Label(label="checkpoint", value="-")
-        self.extend([self.table, self.labels_txt, self.add_open, self.csv, self.epochs, self.finetune, self.init,
-                     self.out, self.run_btn, self.cancel_btn, self.progress, self.log, self.status])
+        self.extend(
+            [
+                self.table,
+                self.labels_txt,
+                self.add_open,
+                self.csv,
+                self.epochs,
+                self.finetune,
+                self.init,
+                self.out,
+                self.run_btn,
+                self.cancel_btn,
+                self.progress,
+                self.log,
+                self.status,
+            ]
+        )
         self.add_open.changed.connect(self.add_open_slides)
         self.csv.changed.connect(self.load_csv)
         self.run_btn.changed.connect(self.start)
         self.cancel_btn.changed.connect(self.cancel)
         self.job: ProcessJob | None = None
         self.checkpoint: Path | None = None
+        self.last_result: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self._timer = QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._poll)
+        self.native.destroyed.connect(self._timer.stop)
+
+    @property
+    def running(self) -> bool:
+        """Whether a job is running."""
+        return self.job is not None and not self.job.finished
 
     def rows(self) -> list[tuple[str, str]]:
-        """The table as ``(path, label)`` pairs."""
-        data = self.table.data.to_list() if len(self.table.data) else []
-        return [(str(r[0]), str(r[1])) for r in data]
+        """The table as ``(path, label)`` pairs (rows with an empty path or label are left out)."""
+        data = self.table.data.to_list()
+        out = [(str(r[0]).strip(), str(r[1]).strip()) for r in data]
+        return [(p, lab) for p, lab in out if p and lab]
 
     def set_rows(self, rows: list[tuple[str, str]]) -> None:
         """Replace the table's content."""
         self.table.value = {"data": [list(r) for r in rows], "columns": ["path", "label"]}
 
-    def add_open_slides(self) -> None:
+    def add_open_slides(self, _v: Any = None) -> None:
         """Add every open slide layer with the label chosen in 'label for added'."""
         have = {p for p, _ in self.rows()}
         new = [(ly.metadata["wsltool"]["path"], self.labels_txt.value) for ly in _slide_layers(self.viewer)]
@@ -272,8 +424,9 @@ class RetrainWidget(Container):
         from wsltool.errors import LabelsError
         from wsltool.train.labels import read_labels
 
-        p = Path(str(self.csv.value))
-        if not p.is_file():
+        txt = str(self.csv.value or "")
+        p = Path(txt)
+        if txt in ("", ".") or not p.is_file():
             return
         try:
             items = read_labels(p)
@@ -282,35 +435,53 @@ class RetrainWidget(Container):
             return
         self.set_rows([(str(it.path), it.label) for it in items])
 
-    def start(self) -> None:
+    def start(self, _v: Any = None) -> None:
         """Check the table and start training in a worker process."""
+        if self.running:
+            return
         rows = self.rows()
         labels = {lab for _, lab in rows}
         if len(rows) < 2 or len(labels) < 2:
             _notify("Retrain: the table needs slides of at least two classes")
             return
+        missing = [p for p, _ in rows if not Path(p).exists()]
+        if missing:
+            _notify(f"Retrain: {len(missing)} slide(s) not found: {', '.join(missing[:3])}")
+            return
         init = None
         if self.finetune.value:
-            p = Path(str(self.init.value))
-            if not p.is_file():
-                _notify(f"Retrain: fine-tuning needs a checkpoint; {p} is not a file")
+            txt = str(self.init.value or "")
+            if txt in ("", ".") or not Path(txt).is_file():
+                _notify(f"Retrain: fine-tuning needs a checkpoint file; {txt or 'nothing'} is not one")
                 return
-            init = str(p)
-        out = Path(str(self.out.value)) / "wsltool-retrain"
+            init = str(Path(txt).absolute())
+        out_txt = str(self.out.value or "")
+        out = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir()) / "wsltool-retrain"
         self.history = []
         self.log.value = ""
+        self.last_result = None
         self.progress.max, self.progress.value = int(self.epochs.value), 0
-        self.job = ProcessJob(
-            "wsltool.napari_plugin._tasks:retrain", rows=rows, out_dir=str(out), epochs=int(self.epochs.value),
-            init_from=init, train={"batch_size": 8, "num_threads": 0},
-        ).start()
+        try:
+            self.job = ProcessJob(
+                RETRAIN_TASK,
+                rows=rows,
+                out_dir=str(out.absolute()),
+                epochs=int(self.epochs.value),
+                init_from=init,
+                mil=self.mil_settings,
+                train=self.train_settings,
+                model=self.model_settings,
+            ).start()
+        except Exception as exc:
+            _notify(f"Retrain: cannot start the worker process: {exc}")
+            return
         self.run_btn.enabled, self.cancel_btn.enabled = False, True
         self.status.value = "training..."
         self._timer.start()
 
-    def cancel(self) -> None:
+    def cancel(self, _v: Any = None) -> None:
         """Stop after the current batch; ``last.pt`` and ``best.pt`` stay usable."""
-        if self.job is not None:
+        if self.running and self.job is not None:
             self.job.cancel()
             self.status.value = "cancelling..."
 
@@ -323,14 +494,27 @@ class RetrainWidget(Container):
                 self.progress.value = min(self.progress.max, int(payload["epoch"]) + 1)
                 keys = ("total", "valid_error", "valid_auc")
                 line = f"epoch {payload['epoch'] + 1}: " + " ".join(
-                    f"{k}={payload[k]:.3f}" for k in keys if isinstance(payload.get(k), float))
+                    f"{k}={payload[k]:.3f}" for k in keys if isinstance(payload.get(k), float)
+                )
                 self.log.value = (self.log.value + "\n" + line).strip()
             elif kind == "done":
+                self.last_result = payload
                 self.checkpoint = Path(payload["best"])
-                stopped = " (stopped early)" if payload.get("stopped") else ""
-                self.status.value = f"{self.checkpoint}{stopped}"
-                for w in _LOCALIZERS:  # usable right away by Localize
-                    w.model.value = self.checkpoint
+                stopped = ", stopped early" if payload.get("stopped") else ""
+                metric = ""
+                if payload.get("valid_error") is not None:
+                    auc = payload.get("valid_auc")
+                    auc_txt = "n/a" if auc is None else f"{auc:.2f}"
+                    metric = f", valid error {payload['valid_error']:.1f}%, AUC {auc_txt}"
+                self.status.value = f"{self.checkpoint.name} (epoch {payload['best_epoch'] + 1}{metric}{stopped})"
+                self.status.tooltip = str(self.checkpoint)
+                self.init.value = self.checkpoint
+                for w in list(_LOCALIZERS):  # usable right away by Localize
+                    if w.viewer is self.viewer:
+                        try:
+                            w.model.value = self.checkpoint
+                        except RuntimeError:  # its Qt widget was closed
+                            pass
             elif kind == "error":
                 self.status.value = "failed"
                 _notify(f"Retrain: {payload}")

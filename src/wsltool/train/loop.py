@@ -1,7 +1,8 @@
 """Image-level training: min-max (or baseline) losses, validation, checkpoints, resume.
 
-Checkpoint selection needs no masks: lowest validation classification error, then lowest validation loss
-(cross-entropy of the method's classifier); ties go to the later epoch.
+Checkpoint selection needs no masks (``TrainConfig.select``): ``"error_loss"`` (default) = lowest validation
+classification error, then lowest validation loss (cross-entropy of the method's classifier); ``"loss"`` = lowest
+validation loss; ``"last"`` = the last validated epoch.  Ties go to the later epoch.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     if cfg.schedule == "step":
         return float(cfg.gamma ** int(epoch // cfg.step_epochs))
     return 1.0
+
+
+def selection_key(rec: dict[str, Any], select: str) -> tuple[float, float]:
+    """Key (lower is better, ties -> later epoch) of a validated epoch for the ``select`` rule."""
+    if select == "error_loss":
+        return (float(rec["valid_error"]), float(rec["valid_loss"]))
+    if select == "loss":
+        return (float(rec["valid_loss"]), 0.0)
+    return (0.0, 0.0)  # "last"
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -226,7 +236,7 @@ def fit(
         last_epoch = epoch == train_cfg.epochs - 1
         if valid_set is not None and ((epoch + 1) % train_cfg.eval_every == 0 or last_epoch):
             rec.update(validate(model, valid_set, dev))
-            key: tuple[float, float] | None = (rec["valid_error"], rec["valid_loss"])
+            key: tuple[float, float] | None = selection_key(rec, train_cfg.select)
         elif valid_set is None:
             key = (0.0, 0.0)
         else:
@@ -266,4 +276,4 @@ def fit(
     return FitResult(best_path, last_path, history, best_epoch, time.perf_counter() - t_start)
 
 
-__all__ = ["FitResult", "fit", "lr_factor", "validate"]
+__all__ = ["FitResult", "fit", "lr_factor", "selection_key", "validate"]

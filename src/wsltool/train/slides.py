@@ -520,12 +520,13 @@ def stratified_split(items: Sequence[LabeledItem], valid_fraction: float = 0.25,
 
 
 def write_labels_csv(path: Path, items: Sequence[LabeledItem]) -> Path:
-    """Write ``path,label,split`` (absolute paths) for ``items``."""
+    """Write ``path,label[,split]`` (absolute paths) for ``items`` (no split column when no item has one)."""
+    with_split = any(it.split for it in items)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "split"])
+        w.writerow(["path", "label", "split"] if with_split else ["path", "label"])
         for it in items:
-            w.writerow([str(it.path), it.label, it.split or ""])
+            w.writerow([str(it.path), it.label, *([it.split or ""] if with_split else [])])
     return path
 
 

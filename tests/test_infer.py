@@ -1,0 +1,269 @@
+"""Slide inference end to end: stitching exactness, exports, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsltool.cli import main as cli_main
+from wsltool.config import InferConfig
+from wsltool.errors import CheckpointError, MppError, SlideFormatError, StoreError, StoreExistsError
+from wsltool.export import store_geojson
+from wsltool.infer.run import infer_slide
+from wsltool.store import HeatmapStore
+from wsltool.testing import write_svs
+from wsltool.testing.models import make_checkpoint
+
+SLIDE_MPP = 0.5
+H0, W0 = 1280, 1792  # level-0 px of the ramp slide
+
+
+def ramp_image() -> np.ndarray:
+    """H&E-coloured everywhere (pink to purple: all 'tissue'); R is a linear ramp in x and y, B marks a disk."""
+    yy, xx = np.mgrid[0:H0, 0:W0].astype(np.float64)
+    r = 120 + 120 * (0.6 * xx / W0 + 0.4 * yy / H0)
+    g = np.full_like(r, 60.0)
+    b = np.where((xx - 1100) ** 2 + (yy - 600) ** 2 < 260**2, 250.0, 170.0)
+    return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+
+
+def expected_ramp(out_mpp: float, shape: tuple[int, int]) -> np.ndarray:
+    """R/255 averaged over each output pixel = the ramp at the pixel centre (the ramp is linear)."""
+    f = out_mpp / SLIDE_MPP
+    yc = (np.arange(shape[0]) + 0.5) * f - 0.5
+    xc = (np.arange(shape[1]) + 0.5) * f - 0.5
+    yy, xx = np.meshgrid(yc, xc, indexing="ij")
+    return (120 + 120 * (0.6 * xx / W0 + 0.4 * yy / H0)) / 255.0
+
+
+class PositionStub(torch.nn.Module):
+    """A 'model' whose M+ is the input's red channel (0-1), area-averaged to the output size.
+
+    Class maps: the disk indicator from the blue channel (malignant) and its complement; probs fixed so that
+    the region gate is 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def localize(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        xf = x.float() / 255.0
+        pooled = F.adaptive_avg_pool2d(xf, size)
+        b = x.shape[0]
+        probs = torch.tensor([[0.0, 1.0]]).repeat(b, 1)
+        g = (pooled[:, 2] - 170 / 255) / (80 / 255) - 0.5  # +0.5 inside the disk, -0.5 outside
+        maps = torch.stack([-g * 20, g * 20], dim=1)
+        return {"probs": probs, "mplus": pooled[:, 0], "class_maps": maps}
+
+
+STUB_META = {"class_names": ["benign", "malignant"], "mpp": 1.0, "input_size": 256, "method": "stub",
+             "fingerprint": "stub"}
+
+
+@pytest.fixture(scope="module")
+def ramp_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ramp")
+    return write_svs(d / "ramp.svs", ramp_image(), mpp=SLIDE_MPP, compression="none", factors=(2, 4))
+
+
+@pytest.mark.parametrize("overlap", [0, 64, 128])
+def test_stitching_reproduces_position_function(tmp_path: Path, ramp_slide: Path, overlap: int) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, overlap=overlap, out_factor=8, workers=0, batch_size=4, chunk=32,
+                      min_tissue=0.05)
+    res = infer_slide(ramp_slide, tmp_path / "r.zarr", (PositionStub(), STUB_META), cfg)
+    st = HeatmapStore.open(res.store)
+    assert st.complete and st.out_mpp == 8.0 and st.slide_mpp == SLIDE_MPP
+    got = st.mplus(0).astype(np.float64)
+    want = expected_ramp(8.0, got.shape)
+    # compare every output pixel lying wholly inside the slide, one pixel away from its edge
+    # (the Lanczos read pads the slide with white beyond its edge)
+    inner = (slice(1, int(H0 * SLIDE_MPP / 8.0) - 1), slice(1, int(W0 * SLIDE_MPP / 8.0) - 1))
+    err = np.abs(got[inner] - want[inner])
+    assert err.max() < 1e-3, (err.max(), np.unravel_index(err.argmax(), err.shape))
+    # region borders are inside the compared area: seams would show up as errors
+    assert res.regions > 4 and res.computed == res.regions
+    assert st.provenance["tiling"]["overlap"] == overlap
+
+
+def test_geojson_contours_land_on_the_disk_in_level0_pixels(tmp_path: Path, ramp_slide: Path) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, overlap=64, out_factor=8, workers=0, chunk=32)
+    res = infer_slide(ramp_slide, tmp_path / "d.zarr", (PositionStub(), STUB_META), cfg)
+    st = HeatmapStore.open(res.store)
+    # channel "malignant" = softmax of the stub's class maps: ~1 inside the disk, ~0 outside
+    mal = st.channel("malignant")
+    assert mal.max() > 0.99 and mal.min() < 0.01
+    gj = store_geojson(res.store, threshold=0.5)  # M+ = red ramp: re-threshold to exercise the path
+    assert gj["type"] == "FeatureCollection" and gj["features"]
+    # now contours of the disk: threshold the malignant channel via a store whose M+ is the disk
+    class DiskStub(PositionStub):
+        def localize(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+            out = super().localize(x, size)
+            out["mplus"] = (F.adaptive_avg_pool2d(x.float() / 255.0, size)[:, 2] > 210 / 255).float()
+            return out
+
+    res2 = infer_slide(ramp_slide, tmp_path / "disk.zarr", (DiskStub(), STUB_META), cfg)
+    feats = store_geojson(res2.store)["features"]
+    assert len(feats) == 1
+    ring = np.asarray(feats[0]["geometry"]["coordinates"][0])
+    x, y = ring[:-1, 0], ring[:-1, 1]  # the ring is closed: drop the repeated point
+    cross = x * np.roll(y, -1) - np.roll(x, -1) * y
+    a = cross.sum() / 2
+    cx = ((x + np.roll(x, -1)) * cross).sum() / (6 * a)
+    cy = ((y + np.roll(y, -1)) * cross).sum() / (6 * a)
+    assert abs(cx - 1100) < 20 and abs(cy - 600) < 20  # level-0 pixels of the disk centre
+    radii = np.hypot(ring[:, 0] - 1100, ring[:, 1] - 600)
+    assert np.all(np.abs(radii - 260) < 24)  # within 1.5 output pixels (16 level-0 px each) of the circle
+    area_um2 = feats[0]["properties"]["area_um2"]
+    assert abs(area_um2 - np.pi * (260 * SLIDE_MPP) ** 2) / (np.pi * (260 * SLIDE_MPP) ** 2) < 0.1
+    assert feats[0]["properties"]["classification"]["name"] == "malignant"
+
+
+def test_store_metadata_and_napari_ome_zarr(tmp_path: Path, ramp_slide: Path) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, overlap=64, out_factor=8, workers=0, chunk=64)
+    res = infer_slide(ramp_slide, tmp_path / "m.zarr", (PositionStub(), STUB_META), cfg, slide_mpp=None)
+    st = HeatmapStore.open(res.store)
+    prov = st.provenance
+    assert prov["slide"]["dimensions"] == [W0, H0] and prov["slide"]["mpp_source"] == "metadata"
+    assert prov["mpp"] == {"requested": 1.0, "effective": 1.0, "out": 8.0}
+    assert prov["model"]["fingerprint"] == "stub" and prov["model"]["class_names"] == ["benign", "malignant"]
+    assert st.result["predicted"] == "malignant" and st.result["probs"] == pytest.approx([0.0, 1.0])
+    assert st.channel_names == ["M+", "benign", "malignant"]
+    from napari_ome_zarr import napari_get_reader
+
+    layers = napari_get_reader(str(res.store))(str(res.store))
+    image = next(ly for ly in layers if ly[2] == "image")
+    scale = np.asarray(image[1]["scale"])[-2:]
+    np.testing.assert_allclose(scale, [8.0, 8.0])  # micrometres: overlays a slide shown at scale 0.5
+
+
+def test_resume_after_sigkill_equals_clean_run(tmp_path: Path) -> None:
+    from wsltool.testing import he_tissue
+
+    c = he_tissue(1024, 1024, seed=5, lesion_fraction=0.2)
+    slide = write_svs(tmp_path / "s.svs", c.rgb, compression="none", factors=(4,))
+    ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
+    args = ["infer", str(slide), "--model", str(ckpt), "--mpp", "1.0", "--overlap", "0", "--out-factor", "4",
+            "--batch", "1", "--workers", "0", "--chunk", "16", "--quiet"]
+    clean = tmp_path / "clean.zarr"
+    env = dict(os.environ)
+    code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
+    subprocess.run([*code, *args, "-o", str(clean)], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([*code, *args, "-o", str(killed)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill as soon as one row band is final
+        try:
+            meta = json.loads((killed / "zarr.json").read_text())["attributes"]["wsltool"]
+            if meta["progress"]["final_bands"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    st = HeatmapStore.open(killed)
+    assert not st.complete and st.state == "incomplete"
+    done_before = len(st.final_bands())
+    assert 0 < done_before < st.n_bands
+    r = subprocess.run([*code, *args, "-o", str(killed)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "reused" in r.stdout  # regions of final bands were not recomputed
+    a, b = HeatmapStore.open(clean), HeatmapStore.open(killed)
+    assert b.complete
+    np.testing.assert_array_equal(a.levels[0][:], b.levels[0][:])
+    np.testing.assert_array_equal(a.mask(0), b.mask(0))
+    assert a.result["probs"] == b.result["probs"]
+
+
+def test_finished_store_is_protected(tmp_path: Path, ramp_slide: Path) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, overlap=0, out_factor=8, workers=0, chunk=64)
+    out = tmp_path / "p.zarr"
+    infer_slide(ramp_slide, out, (PositionStub(), STUB_META), cfg, resume=False)
+    before = HeatmapStore.open(out).mplus(0)
+    with pytest.raises(StoreExistsError, match="--overwrite"):
+        infer_slide(ramp_slide, out, (PositionStub(), STUB_META), cfg, resume=False)
+    # an overwrite that fails midway leaves the finished store untouched
+    class Boom(PositionStub):
+        calls = 0
+
+        def localize(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+            Boom.calls += 1
+            if Boom.calls > 2:
+                raise RuntimeError("simulated crash")
+            return super().localize(x, size)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer_slide(ramp_slide, out, (Boom(), STUB_META), dataclasses.replace(cfg, batch_size=2), overwrite=True)
+    after = HeatmapStore.open(out)
+    assert after.complete
+    np.testing.assert_array_equal(after.mplus(0), before)
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> str:
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path, ramp_slide: Path, capsys) -> None:
+    ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
+    txt = tmp_path / "notes.svs"
+    txt.write_text("not a slide")
+    _one_line_error(capsys, ["infer", str(txt), "-o", str(tmp_path / "a.zarr"), "--model", str(ckpt)],
+                    f"{txt}: not a slide")
+    fake_ckpt = tmp_path / "fake.pt"
+    fake_ckpt.write_text("hello")
+    _one_line_error(capsys, ["infer", str(ramp_slide), "-o", str(tmp_path / "b.zarr"), "--model", str(fake_ckpt)],
+                    str(fake_ckpt))
+    _one_line_error(capsys, ["infer", str(ramp_slide), "-o", str(tmp_path / "c.zarr"), "--model", str(ckpt),
+                             "--region", "1024"], "input size 128")
+    nompp = write_svs(tmp_path / "nompp.svs", ramp_image()[:256, :256], mpp=None, mag=None, factors=())
+    _one_line_error(capsys, ["infer", str(nompp), "-o", str(tmp_path / "d.zarr"), "--model", str(ckpt)],
+                    "--mpp")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "d.zarr").exists()
+    with pytest.raises(SlideFormatError):
+        infer_slide(txt, tmp_path / "e.zarr", str(ckpt))
+    with pytest.raises(MppError):
+        infer_slide(nompp, tmp_path / "e.zarr", str(ckpt))
+    with pytest.raises(CheckpointError):
+        infer_slide(ramp_slide, tmp_path / "e.zarr", str(fake_ckpt))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="read-only folders do not stop root; needs a tmpfs mount")
+def test_read_only_and_full_disk(tmp_path: Path, ramp_slide: Path) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, overlap=0, out_factor=8, workers=0, chunk=16)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = []
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], check=True)
+        mounted.append(ro)
+        with pytest.raises(StoreError, match=str(ro)):
+            infer_slide(ramp_slide, ro / "x.zarr", (PositionStub(), STUB_META), cfg)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(full)], check=True)
+        mounted.append(full)
+        with pytest.raises(StoreError) as ei:
+            infer_slide(ramp_slide, full / "x.zarr", (PositionStub(), STUB_META), cfg)
+        assert "\n" not in str(ei.value)
+        if (full / "x.zarr").exists():
+            assert not HeatmapStore.open(full / "x.zarr").complete
+    finally:
+        for m in mounted:
+            subprocess.run(["umount", str(m)], check=False)
