@@ -123,15 +123,19 @@ def main() -> int:
 
 def table(root: Path) -> int:
     cols = ["error", "f1_pos", "f1_neg", "area", "chance_pos", "chance_neg", "pxap", "pixel_auc"]
-    print("| run | " + " | ".join(cols) + " | best epoch | train min | train img/s | eval img/s |")
+    print("| run | checkpoint | " + " | ".join(cols) + " | train min | train img/s | eval img/s |")
     print("|---" * (len(cols) + 5) + "|")
     for p in sorted(root.glob("*/result.json")):
         r = json.loads(p.read_text())
-        vals = " | ".join(f"{r[c]:.1f}" for c in cols)
-        print(
-            f"| {r['run']} | {vals} | {r['best_epoch']} | {r['train_seconds'] / 60:.1f} | "
-            f"{r['train_images_per_s']:.1f} | {r['images_per_s']:.1f} |"
-        )
+        rows = [(f"best (epoch {r['best_epoch'] + 1})", r)]
+        if "last_epoch" in r:
+            rows.append(("last", r["last_epoch"]))
+        for ck, s in rows:
+            vals = " | ".join(f"{s[c]:.1f}" for c in cols)
+            print(
+                f"| {r['run']} | {ck} | {vals} | {r['train_seconds'] / 60:.1f} | "
+                f"{r['train_images_per_s']:.1f} | {s['images_per_s']:.1f} |"
+            )
     return 0
 
 

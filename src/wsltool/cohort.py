@@ -657,10 +657,18 @@ def run_cohort(
             progress(len(rows), len(todo))
 
     kw: dict[str, Any] = {"retries": retries, "retry_wait": retry_wait, "stale_after": stale_after}
-    if shard_spec is not None:
-        for s in todo:
+    # finished slides are counted here, without starting a cluster for them
+    pending = []
+    for s in todo:
+        prev = _finished(outdir / f"{s.slide_id}.result.json", outdir / f"{s.slide_id}.zarr")
+        if prev is None:
+            pending.append(s)
+        else:
+            record({**prev, "status": "skipped"})
+    if pending and shard_spec is not None:
+        for s in pending:
             record(run_slide(s, outdir, str(model), cfg, torch_threads=torch_threads, **kw))
-    else:
+    elif pending:
         import dask
         from distributed import Client, LocalCluster, as_completed
 
@@ -685,9 +693,9 @@ def run_cohort(
                 futs = [
                     client.submit(run_slide, s, outdir, str(model), cfg, torch_threads=torch_threads,
                                   gpu_per_worker=gpu_per_worker, key=f"slide-{s.slide_id}", pure=False, **kw)
-                    for s in todo
+                    for s in pending
                 ]
-                by_key = {f.key: s for f, s in zip(futs, todo, strict=True)}
+                by_key = {f.key: s for f, s in zip(futs, pending, strict=True)}
                 for fut in as_completed(futs):
                     try:
                         record(fut.result())

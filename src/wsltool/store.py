@@ -364,7 +364,10 @@ class HeatmapStore:
         partial = _read_wsltool_attrs(write_path)
         if partial is not None and resume and partial.get("state") == INCOMPLETE:
             problems = cls._mismatch(partial, grid, prov)
-            if not problems:
+            if not problems and not cls._open_for_writing(path, write_path)._created():
+                # killed while being created (no data written yet): start over below
+                logger.warning("%s: the incomplete store was interrupted while being created", path)
+            elif not problems:
                 store = cls._open_for_writing(path, write_path)
                 store._meta["resumed"] = int(store._meta.get("resumed", 0)) + 1
                 store._save_meta()  # also proves the location is still writable, before any work
@@ -375,7 +378,7 @@ class HeatmapStore:
                     store.n_bands,
                 )
                 return store
-            if not overwrite:
+            elif not overwrite:
                 msg = (
                     f"{path}: the incomplete store was started with other settings ({', '.join(problems)});"
                     " use --overwrite to start over"
@@ -384,6 +387,13 @@ class HeatmapStore:
         if partial is not None:
             logger.warning("%s: discarding the incomplete store at %s and starting over", path, write_path)
         return cls._create_fresh(path, write_path, grid, prov)
+
+    def _created(self) -> bool:
+        """True when :meth:`_create_fresh` finished: multiscales metadata and every pyramid array exist."""
+        try:
+            return len(self.levels) == len(level_shapes(self.shape_yx, self.chunk))
+        except (KeyError, IndexError, TypeError, ValueError, OSError):
+            return False
 
     @staticmethod
     def _mismatch(meta: Mapping[str, Any], grid: dict[str, Any], prov: Any) -> list[str]:

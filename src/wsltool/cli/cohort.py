@@ -46,15 +46,22 @@ def register(sub: Any) -> None:
     q.set_defaults(func=run)
 
 
+def _quiet_dask() -> None:
+    """Dask logs every scheduler, nanny and worker event at INFO: keep its warnings only."""
+    import distributed  # noqa: F401  (configures its loggers on import)
+
+    for name in [*logging.root.manager.loggerDict, "distributed"]:
+        if name.split(".")[0] in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the cohort and print the summary line; exit 1 when any slide failed."""
     from wsltool.cohort import run_cohort
     from wsltool.config import InferConfig
 
-    if not getattr(args, "verbose", 0):
-        # Dask logs every worker start and stop at INFO
-        for name in ("distributed", "bokeh", "tornado"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if not getattr(args, "verbose", 0) and args.shard is None:
+        _quiet_dask()
     cfg = InferConfig(
         mpp=args.mpp,
         region=args.region,

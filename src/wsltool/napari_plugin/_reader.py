@@ -130,6 +130,10 @@ def is_store(path: str | Path) -> bool:
         return False
 
 
+MASK_RGBA = (0.0, 1.0, 1.0, 1.0)
+TISSUE_RGBA = (0.0, 0.63, 1.0, 1.0)
+
+
 def heat_colormap() -> Any:
     """Inferno whose low values fade to transparent, so the slide shows through where M+ is low."""
     from napari.utils.colormaps import Colormap, ensure_colormap
@@ -214,7 +218,7 @@ def store_layers(path: str | Path, *, opacity: float = 0.7, name: str | None = N
         }
         out.append((data if len(data) > 1 else data[0], kw, "image"))
     if complete:
-        for lname, rgba, contour in (("mask", (0.0, 1.0, 1.0, 1.0), 1), ("tissue", (0.0, 0.63, 1.0, 1.0), 0)):
+        for lname, rgba in (("mask", MASK_RGBA), ("tissue", TISSUE_RGBA)):
             arrs = [
                 da.from_zarr(st.label_array(lname, i), name=f"wsltool-{lname}-{token}-{i}")
                 for i in range(len(st.levels))
@@ -222,14 +226,12 @@ def store_layers(path: str | Path, *, opacity: float = 0.7, name: str | None = N
             kw = {
                 **common,
                 "name": f"{prefix} {lname}",
-                "opacity": 0.9 if lname == "mask" else 0.3,
+                "opacity": 0.5 if lname == "mask" else 0.3,
                 "colormap": label_colormap(rgba),
-                "visible": lname == "mask",
+                "visible": False,  # the Localize widget shows the mask as a contour at its threshold
                 "multiscale": len(arrs) > 1,
                 "metadata": {"wsltool": {**meta["wsltool"], "label": lname}},
             }
-            if contour:
-                kw["contour"] = contour
             out.append((arrs if len(arrs) > 1 else arrs[0], kw, "labels"))
     return out
 

@@ -57,6 +57,16 @@ def _slide_layers(viewer: napari.Viewer) -> list[Any]:
     return [ly for ly in viewer.layers if (ly.metadata.get("wsltool") or {}).get("kind") == "slide"]
 
 
+def _same_viewer(a: Any, b: Any) -> bool:
+    """Whether two viewer references (napari may hand out proxies) are the same viewer."""
+    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
+
+
+def _table_value(rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """A magicgui Table value ("split" layout: data, index and columns) for ``(path, label)`` rows."""
+    return {"data": [list(r) for r in rows], "index": tuple(range(len(rows))), "columns": ("path", "label")}
+
+
 def _partial_path(store: Path) -> Path:
     """Where :meth:`wsltool.store.HeatmapStore.create` writes while a complete store is overwritten."""
     return store.with_name(f".{store.name}{PARTIAL_SUFFIX}")
@@ -267,7 +277,7 @@ class LocalizeWidget(Container):
         """Show ``M+ >= threshold`` within tissue as the mask layer (recomputed from the stored M+)."""
         import numpy as np
 
-        from wsltool.napari_plugin._reader import label_colormap
+        from wsltool.napari_plugin._reader import MASK_RGBA, label_colormap
         from wsltool.store import HeatmapStore
 
         store = self.current_store()
@@ -296,17 +306,18 @@ class LocalizeWidget(Container):
                 "name": ly.name,
                 "scale": ly.scale,
                 "translate": ly.translate,
-                "opacity": ly.opacity,
-                "visible": ly.visible,
-                "colormap": label_colormap((0.0, 1.0, 1.0, 1.0)),
+                "units": ly.units,
+                "opacity": 0.9,
+                "colormap": label_colormap(MASK_RGBA),
                 "metadata": dict(ly.metadata),
             }
             self.viewer.layers.remove(ly)
-            new = self.viewer.add_labels(m, **kw)
-            new.contour = 1
-            self.viewer.layers.move(self.viewer.layers.index(new), idx)
+            ly = self.viewer.add_labels(m, **kw)
+            self.viewer.layers.move(self.viewer.layers.index(ly), idx)
         else:
             ly.data = m
+        ly.contour = 1
+        ly.visible = True
 
     def export(self, _v: Any = None) -> None:
         """Write GeoJSON contours (at the slider's threshold) and a preview PNG next to the store."""
@@ -351,7 +362,7 @@ class RetrainWidget(Container):
         self.mil_settings: dict[str, Any] = dict(mil or {})
         self.model_settings: dict[str, Any] = dict(model or {})
         self.train_settings: dict[str, Any] = {"batch_size": 8, "num_threads": 0, **(train or {})}
-        self.table = Table(value={"data": [], "columns": ["path", "label"]}, label="slides")
+        self.table = Table(value=_table_value([]), label="slides")
         self.labels_txt = ComboBox(label="label for added", choices=["benign", "malignant"], value="benign")
         self.add_open = PushButton(text="Add open slides")
         self.csv = FileEdit(label="or load slides.csv", filter="*.csv", mode=FileDialogMode.EXISTING_FILE)
@@ -411,7 +422,7 @@ class RetrainWidget(Container):
 
     def set_rows(self, rows: list[tuple[str, str]]) -> None:
         """Replace the table's content."""
-        self.table.value = {"data": [list(r) for r in rows], "columns": ["path", "label"]}
+        self.table.value = _table_value(rows)
 
     def add_open_slides(self, _v: Any = None) -> None:
         """Add every open slide layer with the label chosen in 'label for added'."""
@@ -510,7 +521,7 @@ class RetrainWidget(Container):
                 self.status.tooltip = str(self.checkpoint)
                 self.init.value = self.checkpoint
                 for w in list(_LOCALIZERS):  # usable right away by Localize
-                    if w.viewer is self.viewer:
+                    if _same_viewer(w.viewer, self.viewer):
                         try:
                             w.model.value = self.checkpoint
                         except RuntimeError:  # its Qt widget was closed
@@ -521,13 +532,3 @@ class RetrainWidget(Container):
         if self.job.finished:
             self._timer.stop()
             self.run_btn.enabled, self.cancel_btn.enabled = True, False
-
-
-def localize_widget(napari_viewer: napari.Viewer) -> LocalizeWidget:
-    """npe2 widget factory: Localize."""
-    return LocalizeWidget(napari_viewer)
-
-
-def retrain_widget(napari_viewer: napari.Viewer) -> RetrainWidget:
-    """npe2 widget factory: Retrain."""
-    return RetrainWidget(napari_viewer)
