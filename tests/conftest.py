@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# before torch loads libgomp: spin-waiting OpenMP threads are 5-15x slower on shared cores (wsltool/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torchvision  # noqa: F401  (see module docstring)

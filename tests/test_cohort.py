@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,24 @@ from wsltool.testing import he_tissue, write_svs
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = InferConfig(mpp=1.0, overlap=0, workers=0, device="cpu")
-CLI_CFG = ["--mpp", "1.0", "--overlap", "0", "--readers", "0", "--device", "cpu", "--quiet"]
+# one torch thread everywhere: CPU convolutions round differently with other thread counts, and the stores
+# are compared bit for bit with single-slide runs
+CLI_CFG = ["--mpp", "1.0", "--overlap", "0", "--readers", "0", "--device", "cpu", "--torch-threads", "1", "--quiet"]
 N_GOOD = 5
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def one_thread() -> Iterator[None]:
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Five good slides (two with lesions), a text file named .svs, a truncated SVS, a checkpoint, references."""
     from wsltool.infer.run import infer_slide
     from wsltool.testing.models import make_checkpoint
@@ -61,8 +74,20 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _cli(csv_path: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "wsltool.cli", "cohort", "infer", str(csv_path), "-o", str(out), "--model",
-            str(model), *CLI_CFG, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "wsltool.cli",
+        "cohort",
+        "infer",
+        str(csv_path),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        *CLI_CFG,
+        *extra,
+    ]
 
 
 def _run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -122,8 +147,13 @@ def test_cohort_with_corrupt_slides_matches_single_slide_runs(cohort: dict[str, 
 
 def test_killed_run_resumes_without_redoing_finished_slides(cohort: dict[str, Any], tmp_path: Path) -> None:
     d, out = cohort["dir"], tmp_path / "out"
-    proc = subprocess.Popen(_cli(d / "good.csv", out, cohort["model"], "--workers", "1"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(d / "good.csv", out, cohort["model"], "--workers", "1"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
@@ -159,9 +189,10 @@ def test_killed_run_resumes_without_redoing_finished_slides(cohort: dict[str, An
 
 def test_two_runners_at_once_split_the_work(cohort: dict[str, Any], tmp_path: Path) -> None:
     d, out = cohort["dir"], tmp_path / "out"
-    cmd = _cli(d / "good.csv", out, cohort["model"], "--workers", "1", "--torch-threads", "1")
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cmd = _cli(d / "good.csv", out, cohort["model"], "--workers", "1")
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     events = read_events(out)
@@ -177,8 +208,16 @@ def test_two_runners_at_once_split_the_work(cohort: dict[str, Any], tmp_path: Pa
 
 def test_shards_cover_every_slide_once(cohort: dict[str, Any], tmp_path: Path) -> None:
     d, out = cohort["dir"], tmp_path / "out"
-    procs = [subprocess.Popen(_cli(d / "good.csv", out, cohort["model"], "--shard", f"{i}/2"), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cli(d / "good.csv", out, cohort["model"], "--shard", f"{i}/2"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     slides = read_cohort(d / "good.csv")
@@ -220,7 +259,9 @@ def test_retries_resume_transient_failures_but_not_bad_input(
     sid = cohort["good"][1].stem
     s = CohortSlide(sid, cohort["good"][1])
 
-    row = run_slide(s, tmp_path, model, cfg, retries=1, retry_wait=0)  # transient: second attempt resumes
+    row = run_slide(
+        s, tmp_path, model, cfg, retries=1, retry_wait=0, torch_threads=1
+    )  # transient: second attempt resumes
     assert row["status"] == "done" and row["attempts"] == 2
     assert row["computed"] < row["regions"]  # the retry reused the first attempt's regions
     _assert_same_as_reference(cohort, tmp_path, sid)
@@ -233,7 +274,12 @@ def test_retries_resume_transient_failures_but_not_bad_input(
     assert row["status"] == "failed" and row["attempts"] == 3
     assert row["error"].startswith("RuntimeError: CUDA out of memory")
     assert [e["event"] for e in read_events(tmp_path) if e["slide"] == "other"] == [
-        "start", "retry", "retry", "error", "failed"]
+        "start",
+        "retry",
+        "retry",
+        "error",
+        "failed",
+    ]
 
     mode["always"] = False
     calls.clear()  # bad input (WslError): one attempt only

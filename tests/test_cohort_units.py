@@ -91,11 +91,21 @@ def test_lock_exclusive_and_reclaims_dead_owner(tmp_path: Path) -> None:
 
 def test_results_table_merges_result_files(tmp_path: Path) -> None:
     slides = [CohortSlide("a", Path("a.svs")), CohortSlide("b", Path("b.svs")), CohortSlide("c", Path("c.svs"))]
-    (tmp_path / "a.result.json").write_text(json.dumps(
-        {"slide_id": "a", "path": "a.svs", "status": "done", "predicted": "malignant",
-         "probs": {"benign": 0.1, "malignant": 0.9}, "regions": 12}))
-    (tmp_path / "b.result.json").write_text(json.dumps(
-        {"slide_id": "b", "path": "b.svs", "status": "failed", "error": "b.svs: not a slide"}))
+    (tmp_path / "a.result.json").write_text(
+        json.dumps(
+            {
+                "slide_id": "a",
+                "path": "a.svs",
+                "status": "done",
+                "predicted": "malignant",
+                "probs": {"benign": 0.1, "malignant": 0.9},
+                "regions": 12,
+            }
+        )
+    )
+    (tmp_path / "b.result.json").write_text(
+        json.dumps({"slide_id": "b", "path": "b.svs", "status": "failed", "error": "b.svs: not a slide"})
+    )
     out = write_results(tmp_path, slides)
     import csv
 
@@ -103,3 +113,119 @@ def test_results_table_merges_result_files(tmp_path: Path) -> None:
     assert [r["status"] for r in rows] == ["done", "failed", "pending"]
     assert rows[0]["probs"] == "benign=0.1;malignant=0.9" and rows[0]["regions"] == "12"
     assert rows[1]["error"] == "b.svs: not a slide"
+
+
+def _dead_pid() -> int:
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_lock_reclaim_race_has_one_winner(tmp_path: Path) -> None:
+    import threading
+
+    p = tmp_path / "x.lock"
+    p.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "time": 0}))
+    locks = [SlideLock(p) for _ in range(8)]
+    barrier = threading.Barrier(len(locks))
+    won: list[SlideLock] = []
+
+    def go(lock: SlideLock) -> None:
+        barrier.wait()
+        if lock.acquire():
+            won.append(lock)
+
+    threads = [threading.Thread(target=go, args=(lk,)) for lk in locks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and won[0].owned()
+    assert not (tmp_path / "x.lock.reclaim").exists()
+    won[0].release()
+    assert not p.exists()
+
+
+def test_lock_release_never_removes_another_runners_lock(tmp_path: Path) -> None:
+    p = tmp_path / "x.lock"
+    a = SlideLock(p)
+    assert a.acquire()
+    p.unlink()  # e.g. reclaimed by another host after stale_after
+    b = SlideLock(p)
+    assert b.acquire()
+    a.release()
+    assert p.exists() and b.owned()
+    b.release()
+    assert not p.exists()
+
+
+def test_lock_heartbeat_keeps_it_fresh(tmp_path: Path) -> None:
+    p = tmp_path / "x.lock"
+    a = SlideLock(p, stale_after=60)
+    assert a.acquire()
+    old = time.time() - 1000
+    os.utime(p, (old, old))
+    a.start_heartbeat(every=0.05)
+    time.sleep(0.3)
+    assert time.time() - p.stat().st_mtime < 5
+    a.release()
+    assert not p.exists()
+
+
+def test_half_written_lock_is_reclaimed_only_when_old(tmp_path: Path) -> None:
+    p = tmp_path / "x.lock"
+    p.write_text('{"host": "vm", "pi')  # a creator killed mid-write, or one still writing
+    assert not SlideLock(p).acquire()
+    old = time.time() - 60
+    os.utime(p, (old, old))
+    lk = SlideLock(p)
+    assert lk.acquire() and lk.reclaimed
+
+
+def test_dask_jobqueue_example_imports_without_dask_jobqueue() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cohort" / "dask_jobqueue_example.py"
+    spec = importlib.util.spec_from_file_location("dask_jobqueue_example", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert callable(mod.main) and callable(mod.make_cluster)
+
+
+def test_slurm_array_script_is_valid_bash(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "tools" / "cohort" / "slurm_array.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # outside sbatch it refuses clearly
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", str(script), "c.csv", str(tmp_path), "m.pt"], capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and "--array" in p.stderr
+
+
+def test_summarize_script(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "tools" / "cohort" / "summarize.py"
+    res = [
+        {"slide_id": "a", "status": "done", "predicted": "malignant", "seconds": 10.0, "attempts": 1},
+        {"slide_id": "b", "status": "done", "predicted": "benign", "seconds": 20.0, "attempts": 2},
+        {"slide_id": "c", "status": "failed", "error": "c.svs: not a slide", "attempts": 1},
+    ]
+    for r in res:
+        (tmp_path / f"{r['slide_id']}.result.json").write_text(json.dumps(r))
+    ev = [
+        {"time": 1000.0, "pid": 1, "host": "h", "event": "start"},
+        {"time": 1036.0, "pid": 1, "host": "h", "event": "done"},
+        {"time": 1030.0, "pid": 2, "host": "h", "event": "done"},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ev) + "garbage\n")
+    write_results(tmp_path, [CohortSlide(s, Path(f"{s}.svs")) for s in "abcd"])  # d: pending
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    assert "4 slides: 2 done, 1 failed, 1 pending" in p.stdout
+    assert "15.0 s per slide" in p.stdout
+    assert "200.0 slides/h over 36 s" in p.stdout and "2 worker process(es)" in p.stdout
+    assert "FAILED c (attempts 1): c.svs: not a slide" in p.stdout
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), "--json"], capture_output=True, text=True)
+    s = json.loads(p.stdout)
+    assert s["counts"] == {"done": 2, "failed": 1, "pending": 1} and s["slides_per_hour"] == 200.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert subprocess.run([sys.executable, str(script), str(empty)], capture_output=True).returncode == 2

@@ -507,8 +507,9 @@ def test_screenshot_overlay_over_lesion(make_napari_viewer: Callable[..., Any], 
     assert shot.shape == bare.shape
     # canvas pixel -> world (um) -> heatmap pixel; the heatmap pixel j covers [j*s, (j+1)*s) from the slide's edge
     h, w = shot.shape[:2]
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    cy, cx = camera.center[-2:]
+    zoom = camera.zoom
     rr, cc = np.mgrid[0:h, 0:w]
     wy = cy + (rr + 0.5 - h / 2) / zoom
     wx = cx + (cc + 0.5 - w / 2) / zoom

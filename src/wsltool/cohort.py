@@ -39,8 +39,18 @@ from wsltool.errors import CheckpointError, ConfigError, LabelsError, WslError
 log = logging.getLogger(__name__)
 
 RESULT_FIELDS = [
-    "slide_id", "path", "status", "predicted", "probs", "tissue_mm2", "regions", "seconds", "attempts",
-    "host", "error", "store",
+    "slide_id",
+    "path",
+    "status",
+    "predicted",
+    "probs",
+    "tissue_mm2",
+    "regions",
+    "seconds",
+    "attempts",
+    "host",
+    "error",
+    "store",
 ]
 
 #: Statuses a slide can end a run with.
@@ -145,8 +155,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def log_event(outdir: Path, slide_id: str, event: str, **extra: Any) -> None:
     """Append one line to ``OUTDIR/events.jsonl`` (a single ``O_APPEND`` write, safe across processes)."""
-    rec = {"time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(), "slide": slide_id,
-           "event": event, **extra}
+    rec = {
+        "time": round(time.time(), 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slide": slide_id,
+        "event": event,
+        **extra,
+    }
     line = (json.dumps(rec) + "\n").encode()
     try:
         fd = os.open(outdir / "events.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
@@ -328,6 +344,7 @@ class SlideLock:
 
 _MODEL_CACHE: dict[tuple[str, float], Any] = {}
 _MODEL_LOCK = threading.Lock()
+_WARNED: set[str] = set()
 
 
 def _cached_model(path: str) -> Any:
@@ -347,9 +364,13 @@ def _worker_config(cfg: InferConfig, gpu_per_worker: bool) -> InferConfig:
     import dataclasses
 
     if cfg.workers and multiprocessing.current_process().daemon:
-        log.warning("daemonic worker process cannot start reader processes: reading in the worker instead "
-                    "(start Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to use readers)")
+        log.log(
+            logging.DEBUG if _WARNED else logging.WARNING,
+            "daemonic worker process cannot start reader processes: reading in the worker instead "
+            "(start Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to use readers)",
+        )
         cfg = dataclasses.replace(cfg, workers=0)
+        _WARNED.add("daemon")
     if gpu_per_worker and cfg.device in ("auto", "cuda"):
         import torch
 
@@ -452,16 +473,22 @@ def run_slide(
                 time.sleep(retry_wait * attempts)
             attempts += 1
             try:
-                res = infer_run.infer_slide(slide.path, store, _cached_model(model), cfg, slide_mpp=slide.mpp,
-                                            on_band=lock.refresh)
+                res = infer_run.infer_slide(
+                    slide.path, store, _cached_model(model), cfg, slide_mpp=slide.mpp, on_band=lock.refresh
+                )
             except WslError as exc:  # bad input: retrying will not help
                 error = str(exc)
                 break
             except Exception as exc:  # transient (memory, I/O, a killed reader process): retry
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: attempt %d failed: %s", slide.slide_id, attempts, error)
-                log_event(outdir, slide.slide_id, "retry" if attempts <= retries else "error", attempt=attempts,
-                          error=error.replace("\n", " "))
+                log_event(
+                    outdir,
+                    slide.slide_id,
+                    "retry" if attempts <= retries else "error",
+                    attempt=attempts,
+                    error=error.replace("\n", " "),
+                )
                 continue
             row = {
                 **base,
@@ -672,8 +699,10 @@ def run_cohort(
         import dask
         from distributed import Client, LocalCluster, as_completed
 
-        # DataLoader reader processes need non-daemonic Dask workers
-        with dask.config.set({"distributed.worker.daemon": False}):
+        # DataLoader reader processes need non-daemonic Dask workers; a slide that kills its worker
+        # (segfault in a slide library, out of memory) is given up after ``retries`` more tries
+        settings = {"distributed.worker.daemon": False, "distributed.scheduler.allowed-failures": retries}
+        with dask.config.set(settings):
             cluster = None
             gpu_per_worker = False
             if scheduler:
@@ -685,14 +714,22 @@ def run_cohort(
                     torch_threads = nt if n_workers is None else max(1, _cpu_count() // workers)
                 gpu_per_worker = _has_gpu()
                 log.info("LocalCluster: %d worker processes x %d torch threads", workers, torch_threads)
-                cluster = LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-                )
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
                 client = Client(cluster)
             try:
                 futs = [
-                    client.submit(run_slide, s, outdir, str(model), cfg, torch_threads=torch_threads,
-                                  gpu_per_worker=gpu_per_worker, key=f"slide-{s.slide_id}", pure=False, **kw)
+                    client.submit(
+                        run_slide,
+                        s,
+                        outdir,
+                        str(model),
+                        cfg,
+                        torch_threads=torch_threads,
+                        gpu_per_worker=gpu_per_worker,
+                        key=f"slide-{s.slide_id}",
+                        pure=False,
+                        **kw,
+                    )
                     for s in pending
                 ]
                 by_key = {f.key: s for f, s in zip(futs, pending, strict=True)}
@@ -703,9 +740,18 @@ def run_cohort(
                         sl = by_key[fut.key]
                         sid = sl.slide_id
                         err = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                        row = {"slide_id": sid, "path": str(sl.path), "status": "failed", "error": err,
-                               "host": "", "finished": time.time()}
-                        _write_json(outdir / f"{sid}.result.json", row)
+                        row = {
+                            "slide_id": sid,
+                            "path": str(sl.path),
+                            "status": "failed",
+                            "error": err,
+                            "host": "",
+                            "finished": time.time(),
+                        }
+                        try:
+                            _write_json(outdir / f"{sid}.result.json", row)
+                        except OSError as wexc:
+                            log.error("%s: cannot record the failure: %s", sid, wexc)
                         log_event(outdir, sid, "failed", error=err, by="client")
                         record(row)
             finally:
@@ -716,8 +762,9 @@ def run_cohort(
         bar.close()
     write_results(outdir, slides)
     count = {k: sum(r["status"] == k for r in rows) for k in STATUSES}
-    return CohortSummary(len(todo), count["done"], count["skipped"], count["failed"], count["locked"],
-                         time.perf_counter() - t0)
+    return CohortSummary(
+        len(todo), count["done"], count["skipped"], count["failed"], count["locked"], time.perf_counter() - t0
+    )
 
 
 def _has_gpu() -> bool:

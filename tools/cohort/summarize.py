@@ -57,8 +57,11 @@ def summarize(outdir: Path) -> dict[str, Any]:
     return {
         "slides": len(results),
         "counts": dict(counts),
-        "failures": [{"slide_id": r.get("slide_id"), "attempts": r.get("attempts"), "error": r.get("error", "")}
-                     for r in results if r.get("status") == "failed"],
+        "failures": [
+            {"slide_id": r.get("slide_id"), "attempts": r.get("attempts"), "error": r.get("error", "")}
+            for r in results
+            if r.get("status") == "failed"
+        ],
         "slide_seconds": round(seconds, 2),
         "mean_seconds_per_slide": round(seconds / len(done), 2) if done else None,
         "wall_seconds": round(span, 1),
@@ -85,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if s["mean_seconds_per_slide"] is not None:
             print(f"compute: {s['slide_seconds']:.0f} slide-seconds, {s['mean_seconds_per_slide']:.1f} s per slide")
         if s["slides_per_hour"] is not None:
-            print(f"throughput: {s['slides_per_hour']:.1f} slides/h over {s['wall_seconds']:.0f} s of wall time "
-                  f"({s['workers']} worker process(es))")
+            print(
+                f"throughput: {s['slides_per_hour']:.1f} slides/h over {s['wall_seconds']:.0f} s of wall time "
+                f"({s['workers']} worker process(es))"
+            )
         if s["predicted"]:
             print("predicted: " + ", ".join(f"{n} {k}" for k, n in sorted(s["predicted"].items())))
         for f in s["failures"]:

@@ -23,15 +23,28 @@ def register(sub: Any) -> None:
     q.add_argument("-o", "--out", required=True, help="output folder")
     q.add_argument("--model", required=True, help="checkpoint")
     q.add_argument("--scheduler", default=None, help="existing Dask scheduler address (tcp://host:8786)")
-    q.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes (default: sized to "
-                   "the machine: one per GPU, or >= 2 on CPU)")
-    q.add_argument("--torch-threads", type=int, default=None, help="torch threads per slide task (default: "
-                   "cores / workers on a LocalCluster)")
+    q.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster worker processes (default: sized to the machine: one per GPU, or >= 2 on CPU)",
+    )
+    q.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads per slide task (default: cores / workers on a LocalCluster)",
+    )
     q.add_argument("--shard", default=None, help="run only share i of N (0-based, e.g. 0/4), without Dask")
     q.add_argument("--retries", type=int, default=1, help="extra attempts for transient failures (default 1)")
     q.add_argument("--retry-wait", type=float, default=2.0, help="seconds before retry k, times k (default 2)")
-    q.add_argument("--stale-after", type=float, default=3600.0, help="seconds after which an unrefreshed lock of "
-                   "another host is reclaimed (default 3600; locks of dead processes on this host at once)")
+    q.add_argument(
+        "--stale-after",
+        type=float,
+        default=3600.0,
+        help="seconds after which an unrefreshed lock of "
+        "another host is reclaimed (default 3600; locks of dead processes on this host at once)",
+    )
     q.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
     q.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
     q.add_argument("--overlap", type=int, default=64, help="overlap between regions in px (default 64)")

@@ -280,9 +280,19 @@ def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
                 "torchvision state_dict file"
             )
             raise ConfigError(msg)
+        basic = name in ("resnet18", "resnet34")  # BasicBlock: torchvision refuses dilation, done by hand below
         net = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, output_stride == 16]
+            weights=None, replace_stride_with_dilation=[False, False, output_stride == 16 and not basic]
         )
+        if output_stride == 16 and basic:
+            first = net.layer4[0]
+            first.conv1.stride = (1, 1)
+            first.downsample[0].stride = (1, 1)
+            for block in net.layer4:
+                for conv in (block.conv1, block.conv2):
+                    if conv is first.conv1:
+                        continue  # keeps dilation 1 (as torchvision does for the first dilated block)
+                    conv.dilation, conv.padding = (2, 2), (2, 2)
         if pretrained != "none":
             path = Path(pretrained)
             sd = _load_state(path)

@@ -14,6 +14,9 @@ import numpy as np
 
 from wsltool.napari_plugin._reader import LayerData, read_slide, store_layers
 
+SAMPLE_VERSION = 2
+"""Bumped when the sample changes, so an older cached sample is rebuilt."""
+
 
 def make_sample(folder: Path) -> tuple[Path, Path]:
     """Write ``sample.svs`` and ``sample.zarr`` into ``folder`` (reused when present)."""
@@ -24,15 +27,19 @@ def make_sample(folder: Path) -> tuple[Path, Path]:
     from wsltool.testing import he_tissue, write_svs
 
     slide, store = folder / "sample.svs", folder / "sample.zarr"
-    if slide.exists() and store.exists() and HeatmapStore.open(store).complete:
-        return slide, store
+    if slide.exists() and store.exists():
+        st = HeatmapStore.open(store)
+        if st.complete and st.provenance.get("sample_version") == SAMPLE_VERSION:
+            return slide, store
     c = he_tissue(1536, 2048, seed=3, lesion_fraction=0.2)
     write_svs(slide, c.rgb, mpp=0.5)
     f = 8  # heatmap pixel = 8 slide pixels = 4 um
     h, w = c.rgb.shape[0] // f, c.rgb.shape[1] // f
     lesion = c.lesion[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3))
     tissue = c.tissue[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3)) > 0.5
-    heat = np.clip(ndimage.gaussian_filter(lesion, 2.0) * 1.3, 0, 1) * tissue
+    # graded like a real localization: strongest in the lesion core, fading over ~10 heatmap pixels
+    inner = ndimage.distance_transform_edt(lesion > 0.5)
+    heat = np.clip(0.55 * ndimage.gaussian_filter(lesion, 2.5) + 0.45 * np.clip(inner / 10.0, 0, 1), 0, 1) * tissue
     maps = np.stack([heat, 1 - heat, heat]).astype(np.float32)
     st = HeatmapStore.create(
         store,
@@ -40,7 +47,7 @@ def make_sample(folder: Path) -> tuple[Path, Path]:
         out_mpp=0.5 * f,
         slide_mpp=0.5,
         channel_names=["M+", "benign", "malignant"],
-        provenance={"sample": "illustrative heatmap from the known lesion mask"},
+        provenance={"sample": "illustrative heatmap from the known lesion mask", "sample_version": SAMPLE_VERSION},
         overwrite=True,
     )
     stitch = Stitcher(st, np.array([[0, 0, h, w]]), overlap=0)
