@@ -115,8 +115,10 @@ def _starts(out: Path) -> Counter[str]:
 
 def test_cohort_with_corrupt_slides_matches_single_slide_runs(cohort: dict[str, Any], tmp_path: Path) -> None:
     d, out = cohort["dir"], tmp_path / "out"
-    p = _run(_cli(d / "all.csv", out, cohort["model"], "--workers", "2"))
+    # one reader process per slide: Dask workers must be non-daemonic for DataLoader workers to start
+    p = _run(_cli(d / "all.csv", out, cohort["model"], "--workers", "2", "--readers", "1"))
     assert p.returncode == 1, p.stderr  # a slide failed
+    assert "daemonic" not in p.stderr
     assert f"{N_GOOD + 2} slides: {N_GOOD} done, 0 already finished, 2 failed" in p.stdout
     table = _table(out)
     assert len(table) == N_GOOD + 2

@@ -217,7 +217,7 @@ def test_napari_discovers_plugin(make_napari_viewer: Callable[..., Any], small_s
     viewer.open(str(small_slide), plugin="wsltool")
     assert [ly.name for ly in viewer.layers] == ["small.svs"]
     assert viewer.layers[0].multiscale and tuple(viewer.layers[0].scale) == (SLIDE_MPP, SLIDE_MPP)
-    assert [ly.name for ly in w.slide.choices] == ["small.svs"]
+    assert [getattr(ly, "name", None) for ly in w.slide.choices] == ["small.svs"]
     _store_with_levels(tmp_path / "h.zarr", complete=True)
     viewer.open(str(tmp_path / "h.zarr"), plugin="wsltool")
     assert [ly.name for ly in viewer.layers][1:] == ["h M+", "h benign", "h malignant", "h mask", "h tissue"]
@@ -262,9 +262,14 @@ def test_localize_end_to_end_cancel_then_resume(
     assert out.exists() and not HeatmapStore.open(out).complete
     assert "heat M+ (incomplete)" in _layers(viewer, "heat")
     assert notes == []  # a cancel is not an error
-    # run again: resumes and completes; the heatmap lies on the slide and the slide-level result is shown
+    # run again, to the end; small chunks and batches so that the heatmap grows band by band on the slide
+    w.config.update(chunk=16, batch_size=1)  # 48x64 heatmap px: 3 row bands, one per row of regions
+    inserted: list[str] = []
+    viewer.layers.events.inserted.connect(lambda e: inserted.append(e.value.name))
     w.run_btn.native.click()
     _wait_idle(qtbot, w)
+    assert "heat M+ (incomplete)" in inserted  # shown while running, before the last band was written
+    assert inserted.index("heat M+ (incomplete)") < inserted.index("heat M+")  # then the finished store
     st = HeatmapStore.open(out)
     assert st.complete
     res = w.last_result
@@ -421,6 +426,47 @@ def test_retrain_cancel(
     assert (tmp_path / "wsltool-retrain" / "last.pt").is_file() and w.checkpoint is not None and w.checkpoint.is_file()
     assert w.run_btn.enabled and not w.cancel_btn.enabled
     assert [n for n in notes if n[0] == "error"] == []
+
+
+# -- the worker process ----------------------------------------------------------------------------------------------
+JOB_TASKS = """
+import os, signal, time
+
+def ok(*, emit, cancelled, n):
+    for i in range(n):
+        emit("progress", (i + 1, n))
+    return {"n": n}
+
+def fails(*, emit, cancelled):
+    raise ValueError("bad value\\nsecond line")
+
+def crashes(*, emit, cancelled):
+    emit("progress", (0, 1))
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+def waits(*, emit, cancelled):
+    while not cancelled():
+        time.sleep(0.01)
+    return "stopped"
+"""
+
+
+def test_process_job_messages_errors_crash_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsltool.napari_plugin._jobs import ProcessJob
+
+    (tmp_path / "wsl_job_tasks.py").write_text(JOB_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned child gets the parent's sys.path
+    msgs = list(ProcessJob("wsl_job_tasks:ok", n=3).start().messages())
+    assert msgs == [("progress", (1, 3)), ("progress", (2, 3)), ("progress", (3, 3)), ("done", {"n": 3})]
+    assert list(ProcessJob("wsl_job_tasks:fails").start().messages()) == [("error", "ValueError: bad value")]
+    # a segfault in the worker: the viewer's side gets one error message with the exit code (a message put just
+    # before the crash may be lost with the queue's feeder thread)
+    msgs = list(ProcessJob("wsl_job_tasks:crashes").start().messages())
+    assert msgs[-1] == ("error", "worker process died (exit code -11)")
+    assert [k for k, _ in msgs].count("error") == 1
+    job = ProcessJob("wsl_job_tasks:waits").start()
+    job.cancel()
+    assert job.cancelled and list(job.messages()) == [("done", "stopped")]
 
 
 # -- 5. the viewer process never imports torch ----------------------------------------------------------------------

@@ -137,17 +137,21 @@ def main() -> None:
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.lower().split("x"))
     csv_path, ckpt, slides = make_cohort(args.slides, h, w)
-    load0 = os.getloadavg()
+    load = [os.getloadavg()[0]]
     t_loop = run_loop(slides, ckpt, OUT / "loop", args.readers)
+    load.append(os.getloadavg()[0])
     t_coh, summary = run_cohort(csv_path, ckpt, OUT / "run", args.readers, args.workers)
-    load1 = os.getloadavg()
+    load.append(os.getloadavg()[0])
     from wsltool.cohort import default_cluster_size
 
     n = len(slides)
     nw, nt = default_cluster_size()
     workers = args.workers or nw
     threads = nt if not args.workers else max(1, len(os.sched_getaffinity(0)) // workers)
-    print(f"machine: {machine()}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+    print(
+        f"machine: {machine()}; 1-min load average {load[0]:.1f} at start, {load[1]:.1f} after the loop, "
+        f"{load[2]:.1f} after the cohort run (this process's own work included)"
+    )
     print(f"settings: {' '.join(SETTINGS)} --readers {args.readers}")
     print(f"{'way':<46} {'wall s':>8} {'slides/h':>9}")
     print(f"{'shell loop of `wsltool infer` (process/slide)':<46} {t_loop:8.1f} {3600 * n / t_loop:9.0f}")

@@ -8,17 +8,32 @@ task polls between batches (the store or checkpoint stays resumable).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import multiprocessing as mp
 import queue
 import traceback
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 Message = tuple[str, Any]
+
+_LIVE: weakref.WeakSet[ProcessJob] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_live_jobs() -> None:
+    """Terminate running jobs when the viewer exits.
+
+    Job processes are not daemonic (a daemon could not start DataLoader workers), so without this
+    ``multiprocessing`` would wait at exit for a training run to finish.
+    """
+    for job in list(_LIVE):
+        job.kill()
 
 
 def _child(task: str, kwargs: dict[str, Any], q: Any, cancel: Any) -> None:
@@ -59,6 +74,7 @@ class ProcessJob:
     def start(self) -> ProcessJob:
         """Start the child process."""
         self._proc.start()
+        _LIVE.add(self)
         return self
 
     def cancel(self) -> None:

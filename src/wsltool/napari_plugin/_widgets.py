@@ -131,7 +131,7 @@ class LocalizeWidget(Container):
         self._timer = QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
-        self.native.destroyed.connect(self._timer.stop)
+        self.native.destroyed.connect(self._on_destroyed)
         _LOCALIZERS.add(self)
 
     def _slide_choices(self, _w: Any = None) -> list[tuple[str, Any]]:
@@ -142,6 +142,12 @@ class LocalizeWidget(Container):
             self.slide.reset_choices()
         except RuntimeError:  # the Qt widget is gone (viewer closed)
             pass
+
+    def _on_destroyed(self, _obj: Any = None) -> None:
+        """The dock was closed: stop polling and end a running job (it must not outlive the viewer)."""
+        self._timer.stop()
+        if self.job is not None and not self.job.finished:
+            self.job.kill()
 
     @property
     def running(self) -> bool:
@@ -407,7 +413,13 @@ class RetrainWidget(Container):
         self._timer = QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._poll)
-        self.native.destroyed.connect(self._timer.stop)
+        self.native.destroyed.connect(self._on_destroyed)
+
+    def _on_destroyed(self, _obj: Any = None) -> None:
+        """The dock was closed: stop polling and end a running job (it must not outlive the viewer)."""
+        self._timer.stop()
+        if self.job is not None and not self.job.finished:
+            self.job.kill()
 
     @property
     def running(self) -> bool:
