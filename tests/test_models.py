@@ -254,3 +254,15 @@ def test_efficientnet_lite0_imagenet_predictions_on_real_photos() -> None:
                 p = net((img - 0.5) / 0.5).softmax(1)[0]
             assert int(p.argmax()) in classes, (name, stride, int(p.argmax()))
             assert float(p[list(classes)].sum()) > 0.5
+
+
+def test_neg_updates_localizer_keeps_classifier_out_of_the_max_entropy_term() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    for mode, cls_grad in (("all", True), ("localizer", False)):
+        model = MinMaxNet(ModelConfig(**TINY, neg_updates=mode, head_dropout=0.0)).train()
+        out = model.training_losses(model.normalize(x), torch.tensor([0, 1]))
+        out["_neg"].backward()
+        g = model.cls_head.conv.weight.grad
+        assert (g is not None and float(g.abs().sum()) > 0) == cls_grad
+        assert float(model.loc_head.conv.weight.grad.abs().sum()) > 0  # the mask still learns from it

@@ -338,6 +338,8 @@ def test_localize_bad_input_notifies(
     assert sev == "error" and msg.startswith("Localize: ") and "bad.pt" in msg and "checkpoint" in msg
     assert "Traceback" not in msg and "\n" not in msg
     assert w.result.value == "failed" and w.run_btn.enabled and not w.cancel_btn.enabled
+    # the mpp given for the slide without one puts the slide in micrometres, where its heatmap will be
+    assert tuple(viewer.layers["nompp.svs"].scale) == (0.5, 0.5)
 
 
 # -- 4. Retrain -----------------------------------------------------------------------------------------------------

@@ -362,6 +362,10 @@ class ModelConfig:
         ``"frozen"``: every BatchNorm layer stays in eval mode (pretrained statistics).
     threshold
         Threshold of the normalised M+ for the pixel mask at inference.
+    neg_updates
+        What the max-entropy term on X- trains: ``"all"`` (paper: localizer, backbone and classifier) or
+        ``"localizer"`` (backbone and classifier parameters held fixed for that term, so the classifier cannot
+        satisfy it by learning to be uncertain on masked-looking images; only the mask can).
     mean, std
         Input normalisation (pixels in [0, 1]); empty = the backbone's default.
     """
@@ -388,12 +392,15 @@ class ModelConfig:
     erase_start: int = 1
     bn_mode: typing.Literal["train", "masked_running", "frozen"] = "masked_running"
     threshold: float = 0.5
+    neg_updates: typing.Literal["all", "localizer"] = "all"
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(self.output_stride in (8, 16, 32),
-               f"ModelConfig.output_stride must be 8, 16 or 32, got {self.output_stride}")
+        _check(
+            self.output_stride in (8, 16, 32),
+            f"ModelConfig.output_stride must be 8, 16 or 32, got {self.output_stride}",
+        )
         _check(self.num_classes >= 2, f"ModelConfig.num_classes must be >= 2, got {self.num_classes}")
         _check(self.modalities >= 1, f"ModelConfig.modalities must be >= 1, got {self.modalities}")
         _check(self.kmax > 0, f"ModelConfig.kmax must be > 0, got {self.kmax}")
@@ -401,13 +408,17 @@ class ModelConfig:
         _check(0 <= self.head_dropout < 1, f"ModelConfig.head_dropout must be in [0, 1), got {self.head_dropout}")
         _check(self.w > 0, f"ModelConfig.w must be > 0, got {self.w}")
         _check(0 < self.cls_scale <= 1, f"ModelConfig.cls_scale must be in (0, 1], got {self.cls_scale}")
-        _check(0 <= self.area_min < self.area_max <= 1,
-               f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}")
+        _check(
+            0 <= self.area_min < self.area_max <= 1,
+            f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}",
+        )
         _check(self.erase_passes >= 0, f"ModelConfig.erase_passes must be >= 0, got {self.erase_passes}")
         _check(self.erase_sigma > 0, f"ModelConfig.erase_sigma must be > 0, got {self.erase_sigma}")
         _check(0 < self.threshold < 1, f"ModelConfig.threshold must be in (0, 1), got {self.threshold}")
-        _check(len(self.mean) in (0, 3) and len(self.std) in (0, 3) and len(self.mean) == len(self.std),
-               "ModelConfig.mean/std must both be empty or both have 3 values")
+        _check(
+            len(self.mean) in (0, 3) and len(self.std) in (0, 3) and len(self.mean) == len(self.std),
+            "ModelConfig.mean/std must both be empty or both have 3 values",
+        )
         _check(all(s > 0 for s in self.std), "ModelConfig.std values must be > 0")
 
 
@@ -488,8 +499,10 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.backbone_lr_mult >= 0, f"TrainConfig.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
         _check(self.step_epochs >= 1, f"TrainConfig.step_epochs must be >= 1, got {self.step_epochs}")
-        _check(self.barrier_t0 > 0 and self.barrier_tmax >= self.barrier_t0,
-               "TrainConfig.barrier_t0 must be > 0 and <= barrier_tmax")
+        _check(
+            self.barrier_t0 > 0 and self.barrier_tmax >= self.barrier_t0,
+            "TrainConfig.barrier_t0 must be > 0 and <= barrier_tmax",
+        )
         _check(self.color_jitter >= 0, f"TrainConfig.color_jitter must be >= 0, got {self.color_jitter}")
         _check(self.num_threads >= 0, f"TrainConfig.num_threads must be >= 0, got {self.num_threads}")
         _check(self.workers >= 0, f"TrainConfig.workers must be >= 0, got {self.workers}")
@@ -497,6 +510,17 @@ class TrainConfig:
 
 
 #: The 2019 paper settings (min-max entropy, arXiv 1907.12934 and its public code) as a ModelConfig preset.
-PAPER_2019 = {"kmax": 0.09, "kmin": 0.09, "alpha": 0.0, "head_dropout": 0.75, "w": 8.0, "sigma": 0.5,
-              "detach_mask": True, "size_prior": "none", "erase_passes": 4, "erase_start": 1, "bn_mode": "train",
-              "output_stride": 32}
+PAPER_2019 = {
+    "kmax": 0.09,
+    "kmin": 0.09,
+    "alpha": 0.0,
+    "head_dropout": 0.75,
+    "w": 8.0,
+    "sigma": 0.5,
+    "detach_mask": True,
+    "size_prior": "none",
+    "erase_passes": 4,
+    "erase_start": 1,
+    "bn_mode": "train",
+    "output_stride": 32,
+}

@@ -23,7 +23,7 @@ from wsltool.config import ModelConfig
 from wsltool.models.backbones import build_backbone
 from wsltool.models.erasing import recursive_erase
 from wsltool.models.losses import ce_loss, size_loss, uniform_ce_loss
-from wsltool.models.wildcat import CamHead, WildcatHead
+from wsltool.models.wildcat import CamHead, WildcatHead, wildcat_pool
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,33 @@ class MinMaxNet(_Base):
         s = self.cfg.sigma if sigma is None else sigma
         return pseudo_binary(self.mplus(scores, maps, size), self.cfg.w, s)
 
-    def classify(self, xn_masked: torch.Tensor) -> torch.Tensor:
-        """Classifier logits on a masked normalised image (resized by ``cls_scale``)."""
+    def classify(self, xn_masked: torch.Tensor, fixed_params: bool = False) -> torch.Tensor:
+        """Classifier logits on a masked normalised image (resized by ``cls_scale``).
+
+        Parameters
+        ----------
+        xn_masked
+            X+ or X- (normalised pixel space).
+        fixed_params
+            Use detached copies of the backbone and classifier parameters: the loss then reaches only
+            what produced the input (the mask, hence the localizer), not the classifier.
+        """
         if self.cfg.cls_scale != 1:
             xn_masked = F.interpolate(
                 xn_masked, scale_factor=self.cfg.cls_scale, mode="bilinear", align_corners=False, antialias=False
             )
-        with _bn_eval(self.backbone, self.training and self.cfg.bn_mode == "masked_running"):
+        with _bn_eval(self.backbone, self.training and self.cfg.bn_mode in ("masked_running", "frozen")):
+            if fixed_params:
+                from torch.func import functional_call
+
+                params = {k: v.detach() for k, v in self.backbone.named_parameters()}
+                f = functional_call(self.backbone, params, (xn_masked,))
+                w, b = self.cls_head.conv.weight.detach(), self.cls_head.conv.bias
+                raw = F.conv2d(f, w, None if b is None else b.detach())
+                n, _, h, wd = raw.shape
+                maps = raw.view(n, self.cls_head.num_classes, self.cls_head.modalities, h, wd).mean(dim=2)
+                hd = self.cls_head
+                return wildcat_pool(maps, hd.kmax, hd.kmin, hd.alpha, hd.dropout, self.training)
             f = self.backbone(xn_masked)
         scores, _ = self.cls_head(f)
         return scores
@@ -277,7 +297,7 @@ class MinMaxNet(_Base):
             first, a = step(xn)
             loc, npass = ce_loss(first, y), 1
         pos = ce_loss(self.classify(xn * a), y)
-        neg = uniform_ce_loss(self.classify(xn * (1 - a)))
+        neg = uniform_ce_loss(self.classify(xn * (1 - a), fixed_params=cfg.neg_updates == "localizer"))
         total = loc + pos + neg
         out = {"loc": loc.detach(), "pos": pos.detach(), "neg": neg.detach()}
         if cfg.size_prior != "none" and not detach:

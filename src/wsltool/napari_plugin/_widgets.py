@@ -180,6 +180,11 @@ class LocalizeWidget(Container):
         if out.suffix != ".zarr":
             out = out / (Path(info["path"]).stem + ".zarr")
         self.store = out.absolute()
+        if self.slide_mpp.value:  # the heatmap comes in micrometres at this mpp: put the slide there too
+            mpp = float(self.slide_mpp.value)
+            layer.scale = (mpp, mpp)
+            layer.units = ("micrometer", "micrometer")
+            info["mpp_override"] = mpp
         cfg: dict[str, Any] = {"overlap": int(self.overlap.value), **self.config}
         if self.mpp.value:
             cfg["mpp"] = float(self.mpp.value)

@@ -136,7 +136,7 @@ class RegionReader:
         out = torch.empty((len(idx), 3, r, r), dtype=torch.uint8)
         for k, i in enumerate(idx):
             x, y = src.origins[int(i)]
-            out[k] = torch.from_numpy(s.read_region(float(x), float(y), r, r, mpp=self.mil.mpp)).permute(2, 0, 1)
+            out[k] = torch.from_numpy(np.array(s.read_region(float(x), float(y), r, r, mpp=self.mil.mpp))).permute(2, 0, 1)
         return out
 
     def close(self) -> None:
