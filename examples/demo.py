@@ -61,8 +61,20 @@ def main() -> int:
     rows = []
     for it in read_labels(cohort / "test.csv"):
         store = out / f"{it.path.stem}.zarr"
-        sh(["infer", str(it.path), "-o", str(store), "--model", str(model / "best.pt"), "--workers", "1",
-            "--overwrite", "--quiet"])
+        sh(
+            [
+                "infer",
+                str(it.path),
+                "-o",
+                str(store),
+                "--model",
+                str(model / "best.pt"),
+                "--workers",
+                "1",
+                "--overwrite",
+                "--quiet",
+            ]
+        )
         sh(["export", str(store), "--png", "--geojson"])
         st = HeatmapStore.open(store)
         m, t = st.mask(0).astype(bool), st.tissue(0) > 0
@@ -74,18 +86,28 @@ def main() -> int:
         full[:hh, :ww] = les[:hh, :ww]
         g = full.reshape(h, f, w, f).mean(axis=(1, 3)) >= 0.5
         dice = 2 * (m & g).sum() / max(1, m.sum() + g.sum())
-        rows.append({"slide": it.path.name, "truth": it.label, "predicted": st.result["predicted"],
-                     "p_malignant": st.result["probs"][-1], "flagged_tissue_%": 100 * (m & t).sum() / max(1, t.sum()),
-                     "dice": float(dice) if it.label == "malignant" else None})
+        rows.append(
+            {
+                "slide": it.path.name,
+                "truth": it.label,
+                "predicted": st.result["predicted"],
+                "p_malignant": st.result["probs"][-1],
+                "flagged_tissue_%": 100 * (m & t).sum() / max(1, t.sum()),
+                "dice": float(dice) if it.label == "malignant" else None,
+            }
+        )
     print("\nheld-out slides (trained from slide labels only):")
     print(f"{'slide':28s} {'truth':10s} {'predicted':10s} {'p(mal)':>7s} {'flagged %':>9s} {'Dice':>6s}")
     for r in rows:
         d = f"{r['dice']:.2f}" if r["dice"] is not None else "-"
-        print(f"{r['slide']:28s} {r['truth']:10s} {r['predicted']:10s} {r['p_malignant']:7.3f} "
-              f"{r['flagged_tissue_%']:9.1f} {d:>6s}")
+        print(
+            f"{r['slide']:28s} {r['truth']:10s} {r['predicted']:10s} {r['p_malignant']:7.3f} "
+            f"{r['flagged_tissue_%']:9.1f} {d:>6s}"
+        )
     (out / "demo_results.json").write_text(json.dumps(rows, indent=1))
-    print(f"\npreviews: {out}/*.png   stores: {out}/*.zarr   model: {model}/best.pt   "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"\npreviews: {out}/*.png   stores: {out}/*.zarr   model: {model}/best.pt   ({time.perf_counter() - t0:.0f} s)"
+    )
     return 0
 
 

@@ -68,8 +68,13 @@ class PositionStub(torch.nn.Module):
         return {"probs": probs, "mplus": pooled[:, 0], "class_maps": maps}
 
 
-STUB_META = {"class_names": ["benign", "malignant"], "mpp": 1.0, "input_size": 256, "method": "stub",
-             "fingerprint": "stub"}
+STUB_META = {
+    "class_names": ["benign", "malignant"],
+    "mpp": 1.0,
+    "input_size": 256,
+    "method": "stub",
+    "fingerprint": "stub",
+}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +85,9 @@ def ramp_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("overlap", [0, 64, 128])
 def test_stitching_reproduces_position_function(tmp_path: Path, ramp_slide: Path, overlap: int) -> None:
-    cfg = InferConfig(mpp=1.0, region=256, overlap=overlap, out_factor=8, workers=0, batch_size=4, chunk=32,
-                      min_tissue=0.05)
+    cfg = InferConfig(
+        mpp=1.0, region=256, overlap=overlap, out_factor=8, workers=0, batch_size=4, chunk=32, min_tissue=0.05
+    )
     res = infer_slide(ramp_slide, tmp_path / "r.zarr", (PositionStub(), STUB_META), cfg)
     st = HeatmapStore.open(res.store)
     assert st.complete and st.out_mpp == 8.0 and st.slide_mpp == SLIDE_MPP
@@ -106,6 +112,7 @@ def test_geojson_contours_land_on_the_disk_in_level0_pixels(tmp_path: Path, ramp
     assert mal.max() > 0.99 and mal.min() < 0.01
     gj = store_geojson(res.store, threshold=0.5)  # M+ = red ramp: re-threshold to exercise the path
     assert gj["type"] == "FeatureCollection" and gj["features"]
+
     # now contours of the disk: threshold the malignant channel via a store whose M+ is the disk
     class DiskStub(PositionStub):
         def localize(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -154,8 +161,25 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path: Path) -> None:
     c = he_tissue(1024, 1024, seed=5, lesion_fraction=0.2)
     slide = write_svs(tmp_path / "s.svs", c.rgb, compression="none", factors=(4,))
     ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
-    args = ["infer", str(slide), "--model", str(ckpt), "--mpp", "1.0", "--overlap", "0", "--out-factor", "4",
-            "--batch", "1", "--workers", "0", "--chunk", "16", "--quiet"]
+    args = [
+        "infer",
+        str(slide),
+        "--model",
+        str(ckpt),
+        "--mpp",
+        "1.0",
+        "--overlap",
+        "0",
+        "--out-factor",
+        "4",
+        "--batch",
+        "1",
+        "--workers",
+        "0",
+        "--chunk",
+        "16",
+        "--quiet",
+    ]
     clean = tmp_path / "clean.zarr"
     env = dict(os.environ)
     code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -194,6 +218,7 @@ def test_finished_store_is_protected(tmp_path: Path, ramp_slide: Path) -> None:
     before = HeatmapStore.open(out).mplus(0)
     with pytest.raises(StoreExistsError, match="--overwrite"):
         infer_slide(ramp_slide, out, (PositionStub(), STUB_META), cfg, resume=False)
+
     # an overwrite that fails midway leaves the finished store untouched
     class Boom(PositionStub):
         calls = 0
@@ -224,17 +249,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, ramp_slide: Path, capsy
     ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
     txt = tmp_path / "notes.svs"
     txt.write_text("not a slide")
-    _one_line_error(capsys, ["infer", str(txt), "-o", str(tmp_path / "a.zarr"), "--model", str(ckpt)],
-                    f"{txt}: not a slide")
+    _one_line_error(
+        capsys, ["infer", str(txt), "-o", str(tmp_path / "a.zarr"), "--model", str(ckpt)], f"{txt}: not a slide"
+    )
     fake_ckpt = tmp_path / "fake.pt"
     fake_ckpt.write_text("hello")
-    _one_line_error(capsys, ["infer", str(ramp_slide), "-o", str(tmp_path / "b.zarr"), "--model", str(fake_ckpt)],
-                    str(fake_ckpt))
-    _one_line_error(capsys, ["infer", str(ramp_slide), "-o", str(tmp_path / "c.zarr"), "--model", str(ckpt),
-                             "--region", "1024"], "input size 128")
+    _one_line_error(
+        capsys, ["infer", str(ramp_slide), "-o", str(tmp_path / "b.zarr"), "--model", str(fake_ckpt)], str(fake_ckpt)
+    )
+    _one_line_error(
+        capsys,
+        ["infer", str(ramp_slide), "-o", str(tmp_path / "c.zarr"), "--model", str(ckpt), "--region", "1024"],
+        "input size 128",
+    )
     nompp = write_svs(tmp_path / "nompp.svs", ramp_image()[:256, :256], mpp=None, mag=None, factors=())
-    _one_line_error(capsys, ["infer", str(nompp), "-o", str(tmp_path / "d.zarr"), "--model", str(ckpt)],
-                    "--mpp")
+    _one_line_error(capsys, ["infer", str(nompp), "-o", str(tmp_path / "d.zarr"), "--model", str(ckpt)], "--mpp")
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "d.zarr").exists()
     with pytest.raises(SlideFormatError):
         infer_slide(txt, tmp_path / "e.zarr", str(ckpt))

@@ -55,13 +55,7 @@ def test_bad_csv_reports_every_problem(tmp_path: Path, cohort: Path) -> None:
     good = next(cohort.glob("*malignant.svs"))
     (tmp_path / "broken.svs").write_text("not a slide")
     csv = tmp_path / "slides.csv"
-    csv.write_text(
-        "slide,label\n"
-        f"{good},malignant\n"
-        "missing.svs,benign\n"
-        f"{good},malignant\n"
-        "broken.svs,\n"
-    )
+    csv.write_text(f"slide,label\n{good},malignant\nmissing.svs,benign\n{good},malignant\nbroken.svs,\n")
     with pytest.raises(LabelsError) as ei:
         read_labels(csv, class_names=["benign", "malignant"])
     msg = str(ei.value)
@@ -91,8 +85,11 @@ class BlueScorer(torch.nn.Module):
         dark = ((xf[:, 2] - xf[:, 0] > -0.2) & (xf.mean(1) < 0.45)).float().mean((1, 2))
         p = dark  # fraction of lesion-like pixels: no saturation, so no ties among lesion regions
         z = torch.zeros_like(xf[:, 0])
-        return {"probs": torch.stack([1 - p, p], 1), "mplus": F.interpolate(z[:, None], size)[:, 0],
-                "class_maps": z[:, None].repeat(1, 2, 1, 1)}
+        return {
+            "probs": torch.stack([1 - p, p], 1),
+            "mplus": F.interpolate(z[:, None], size)[:, 0],
+            "class_maps": z[:, None].repeat(1, 2, 1, 1),
+        }
 
 
 def test_mil_topk_picks_lesion_regions(cohort: Path) -> None:
@@ -119,13 +116,21 @@ def test_mil_topk_picks_lesion_regions(cohort: Path) -> None:
     # and with a scorer that sees lesion nuclei, those regions hold far more lesion than average
     assert all_fracs[top].min() > 0.2 and all_fracs[top].mean() > 2 * all_fracs.mean()
     # the warm-up epoch samples at random instead
-    _, n0 = _select(BlueScorer(), reader, src, dataclasses_replace(mil, warmup_epochs=1), 1, "cpu", epoch=0,
-                    rng=np.random.default_rng(0))
+    _, n0 = _select(
+        BlueScorer(),
+        reader,
+        src,
+        dataclasses_replace(mil, warmup_epochs=1),
+        1,
+        "cpu",
+        epoch=0,
+        rng=np.random.default_rng(0),
+    )
     assert n0 == 0
     reader.close()
 
 
-def dataclasses_replace(obj, **kw):  # noqa: ANN001, ANN201
+def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
@@ -133,10 +138,32 @@ def dataclasses_replace(obj, **kw):  # noqa: ANN001, ANN201
 
 def test_cli_train_slides_end_to_end(tmp_path: Path, cohort: Path, capsys) -> None:
     out = tmp_path / "model"
-    args = ["train", "--labels", str(cohort / "slides.csv"), "--out", str(out), "--epochs", "2",
-            "--backbone", "efficientnet_lite0", "--pretrained", "none", "--batch-size", "4",
-            "--set", "region=128", "--set", "score_cap=6", "--set", "top_k=2", "--set", "n_random=1",
-            "--set", "mpp=2.0", "--no-progress"]
+    args = [
+        "train",
+        "--labels",
+        str(cohort / "slides.csv"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--backbone",
+        "efficientnet_lite0",
+        "--pretrained",
+        "none",
+        "--batch-size",
+        "4",
+        "--set",
+        "region=128",
+        "--set",
+        "score_cap=6",
+        "--set",
+        "top_k=2",
+        "--set",
+        "n_random=1",
+        "--set",
+        "mpp=2.0",
+        "--no-progress",
+    ]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     assert "trained from 4 slide labels" in printed and "slide AUC" in printed
@@ -165,9 +192,19 @@ def test_resume_continues_interrupted_training(tmp_path: Path, cohort: Path) -> 
     tcfg = TrainConfig(epochs=2, batch_size=4, schedule="constant", warmup_epochs=0)
     mil = MilConfig(mpp=2.0, region=128, score_cap=6, top_k=2, n_random=1)
     epochs_done: list[int] = []  # stop at the first batch after epoch 0 has finished (an interruption)
-    r1 = fit_slides(tr, va, ["benign", "malignant"], mcfg, tcfg, mil, tmp_path, progress=False,
-                    on_epoch=lambda rec: epochs_done.append(rec["epoch"]), should_stop=lambda: bool(epochs_done))
-    assert [h["epoch"] for h in r1.history][0] == 0
+    r1 = fit_slides(
+        tr,
+        va,
+        ["benign", "malignant"],
+        mcfg,
+        tcfg,
+        mil,
+        tmp_path,
+        progress=False,
+        on_epoch=lambda rec: epochs_done.append(rec["epoch"]),
+        should_stop=lambda: bool(epochs_done),
+    )
+    assert r1.history[0]["epoch"] == 0
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["train_state"]
     assert saved["epoch"] == 0  # the interrupted epoch is not recorded as done
     r2 = fit_slides(tr, va, ["benign", "malignant"], mcfg, tcfg, mil, tmp_path, progress=False, resume=True)

@@ -318,8 +318,10 @@ class MilConfig:
     def __post_init__(self) -> None:
         _check(0.05 <= self.mpp <= 100, f"MilConfig.mpp out of range: {self.mpp}")
         _check(self.region >= 32, f"MilConfig.region must be >= 32, got {self.region}")
-        _check(self.top_k >= 0 and self.n_random >= 0 and self.top_k + self.n_random >= 1,
-               "MilConfig.top_k + n_random must be >= 1")
+        _check(
+            self.top_k >= 0 and self.n_random >= 0 and self.top_k + self.n_random >= 1,
+            "MilConfig.top_k + n_random must be >= 1",
+        )
         _check(self.score_cap >= max(1, self.top_k), "MilConfig.score_cap must be >= top_k")
         _check(0.0 <= self.min_tissue <= 1.0, f"MilConfig.min_tissue must be in [0, 1], got {self.min_tissue}")
         _check(self.slide_top_k >= 1, f"MilConfig.slide_top_k must be >= 1, got {self.slide_top_k}")

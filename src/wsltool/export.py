@@ -29,7 +29,7 @@ def mask_polygons(mask: NDArray[np.bool_], min_pixels: int = 4) -> list[list[NDA
     for rp in measure.regionprops(labels):
         if rp.area < min_pixels:
             continue
-        r0, c0, r1, c1 = rp.bbox
+        r0, c0, _, _ = rp.bbox
         comp = np.pad(rp.image, 1).astype(np.float32)
         rings = measure.find_contours(comp, 0.5)
         if not rings:
@@ -82,7 +82,10 @@ def store_geojson(store_path: str | Path, *, threshold: float | None = None, cla
     features: list[dict[str, Any]] = []
     for rings in mask_polygons(mask):
         outer = rings[0]
-        ys, xs = np.clip(outer[:, 1].astype(int), 0, mask.shape[0] - 1), np.clip(outer[:, 0].astype(int), 0, mask.shape[1] - 1)
+        ys, xs = (
+            np.clip(outer[:, 1].astype(int), 0, mask.shape[0] - 1),
+            np.clip(outer[:, 0].astype(int), 0, mask.shape[1] - 1),
+        )
         comp_score = float(mplus[ys, xs].mean())
         coords = []
         for k, ring in enumerate(rings):
@@ -92,7 +95,9 @@ def store_geojson(store_path: str | Path, *, threshold: float | None = None, cla
                 pts = pts[::-1]
             pts = np.vstack([pts, pts[:1]])
             coords.append([[round(float(x), 2), round(float(y), 2)] for x, y in pts])
-        area_um2 = abs(_ring_area(rings[0])) * st.out_mpp**2 - sum(abs(_ring_area(r)) * st.out_mpp**2 for r in rings[1:])
+        area_um2 = abs(_ring_area(rings[0])) * st.out_mpp**2 - sum(
+            abs(_ring_area(r)) * st.out_mpp**2 for r in rings[1:]
+        )
         features.append(
             {
                 "type": "Feature",

@@ -105,7 +105,7 @@ class Grid:
                 fractions = np.asarray(tissue.fractions_in(boxes, self.base_mpp), dtype=np.float64)
             else:
                 for i, b in enumerate(boxes):
-                    fractions[i] = tissue.fraction_in(*b, self.base_mpp)
+                    fractions[i] = tissue.fraction_in(b[0], b[1], b[2], b[3], self.base_mpp)
             keep = fractions > config.min_tissue
         else:
             keep = np.ones(rows.size, bool)

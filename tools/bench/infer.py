@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import TreeRSS, machine, timer  # noqa: E402
+from _common import TreeRSS, machine, timer
 
 OUT = Path("bench-out")
 
@@ -60,11 +60,16 @@ def m_e2e(sl: str, ck: str, cfg: dict) -> dict:
     out = OUT / (Path(sl).stem + "_e2e.zarr")
     with TreeRSS() as rss, timer() as t:
         res = infer_slide(sl, out, ck, InferConfig(**cfg), overwrite=True, resume=False)
-    return {"wall": t[0], "regions": res.regions, "rss_mb": rss.peak / 2**20, "timings": res.timings,
-            "store_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20}
+    return {
+        "wall": t[0],
+        "regions": res.regions,
+        "rss_mb": rss.peak / 2**20,
+        "timings": res.timings,
+        "store_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20,
+    }
 
 
-def _grid(sl: str, ck: str, cfg: dict):  # noqa: ANN202
+def _grid(sl: str, ck: str, cfg: dict):
     from wsltool.config import InferConfig, TilingConfig
     from wsltool.slide import open_slide
     from wsltool.tiling import Grid
@@ -73,8 +78,9 @@ def _grid(sl: str, ck: str, cfg: dict):  # noqa: ANN202
     c = InferConfig(**cfg)
     with open_slide(sl) as s:
         t = detect_tissue(s, mpp=c.tissue_mpp)
-        return Grid.for_slide(s, TilingConfig(mpp=c.mpp or 1.0, region=c.region or 256, overlap=c.overlap,
-                                              min_tissue=c.min_tissue), t), c
+        return Grid.for_slide(
+            s, TilingConfig(mpp=c.mpp or 1.0, region=c.region or 256, overlap=c.overlap, min_tissue=c.min_tissue), t
+        ), c
 
 
 def m_read(sl: str, ck: str, cfg: dict) -> dict:
@@ -134,16 +140,23 @@ def m_naive(sl: str, ck: str, cfg: dict) -> dict:
                 canvas[reg.gy : reg.gy + r, reg.gx : reg.gx + r] = m
         np.save(OUT / "naive_canvas.npy", canvas[:h, :w])
         del Image
-    return {"wall": t[0], "regions": len(grid), "rss_mb": rss.peak / 2**20,
-            "file_mb": (OUT / "naive_canvas.npy").stat().st_size / 2**20}
+    return {
+        "wall": t[0],
+        "regions": len(grid),
+        "rss_mb": rss.peak / 2**20,
+        "file_mb": (OUT / "naive_canvas.npy").stat().st_size / 2**20,
+    }
 
 
 MODES = {"e2e": m_e2e, "read": m_read, "model": m_model, "naive": m_naive}
 
 
 def sub(mode: str, sl: Path, ck: Path, cfg: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--mode", mode, "--slide", str(sl), "--ckpt", str(ck),
-                        "--cfg", json.dumps(cfg)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, __file__, "--mode", mode, "--slide", str(sl), "--ckpt", str(ck), "--cfg", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -173,37 +186,53 @@ def main() -> None:
         print(f"1. overhead on {mid.name} (256 px at 1 um/px, overlap 32, EfficientNet-Lite0, batch 8, 2 readers)")
         e2e, rd, md = sub("e2e", mid, ck, cfg), sub("read", mid, ck, cfg), sub("model", mid, ck, cfg)
         n = e2e["regions"]
-        print(f"   end to end {e2e['wall']:.1f} s ({n / e2e['wall']:.1f} regions/s, store written); read-only "
-              f"{rd['wall']:.1f} s; model-only {md['wall']:.1f} s")
-        print(f"   overhead = e2e / (read + model) = {e2e['wall'] / (rd['wall'] + md['wall']):.3f} (target <= 1.10); "
-              f"e2e / max(read, model) = {e2e['wall'] / max(rd['wall'], md['wall']):.3f}")
+        print(
+            f"   end to end {e2e['wall']:.1f} s ({n / e2e['wall']:.1f} regions/s, store written); read-only "
+            f"{rd['wall']:.1f} s; model-only {md['wall']:.1f} s"
+        )
+        print(
+            f"   overhead = e2e / (read + model) = {e2e['wall'] / (rd['wall'] + md['wall']):.3f} (target <= 1.10); "
+            f"e2e / max(read, model) = {e2e['wall'] / max(rd['wall'], md['wall']):.3f}"
+        )
     cfg_rss = {**cfg, "mpp": 4.0}  # coarse input mpp keeps the region count small; memory is what is measured
     if "rss" not in skip:
         big, small = slide(*big_wh), slide(*small_wh)
-        print(f"2. peak RSS of infer_slide (256 px at 4 um/px): {big.name} ({big_wh[0] * big_wh[1] / 1e9:.2f} Gpx) "
-              f"vs {small.name} (16x smaller)")
+        print(
+            f"2. peak RSS of infer_slide (256 px at 4 um/px): {big.name} ({big_wh[0] * big_wh[1] / 1e9:.2f} Gpx) "
+            f"vs {small.name} (16x smaller)"
+        )
         rb, rs = sub("e2e", big, ck, cfg_rss), sub("e2e", small, ck, cfg_rss)
-        print(f"   big: {rb['rss_mb']:.0f} MB ({rb['regions']} regions, {rb['wall']:.0f} s, store {rb['store_mb']:.1f} MB); "
-              f"small: {rs['rss_mb']:.0f} MB ({rs['regions']} regions): ratio {rb['rss_mb'] / rs['rss_mb']:.2f} "
-              "(target within 25%)")
+        print(
+            f"   big: {rb['rss_mb']:.0f} MB ({rb['regions']} regions, {rb['wall']:.0f} s, "
+            f"store {rb['store_mb']:.1f} MB); "
+            f"small: {rs['rss_mb']:.0f} MB ({rs['regions']} regions): ratio {rb['rss_mb'] / rs['rss_mb']:.2f} "
+            "(target within 25%)"
+        )
     if "naive" not in skip:
         big = slide(*big_wh)
         cfg_n = {**cfg, "mpp": 2.0, "workers": 2}
         print(f"3. naive baseline vs wsltool on {big.name} (256 px at 2 um/px)")
         ours, naive = sub("e2e", big, ck, cfg_n), sub("naive", big, ck, cfg_n)
-        print(f"   wsltool: {ours['wall']:.0f} s, peak {ours['rss_mb']:.0f} MB, store {ours['store_mb']:.1f} MB "
-              f"(multiscale OME-Zarr); naive: {naive['wall']:.0f} s, peak {naive['rss_mb']:.0f} MB, "
-              f"{naive['file_mb']:.0f} MB float32 array")
-        print(f"   naive / wsltool: wall {naive['wall'] / ours['wall']:.2f}x, peak RSS {naive['rss_mb'] / ours['rss_mb']:.2f}x")
+        print(
+            f"   wsltool: {ours['wall']:.0f} s, peak {ours['rss_mb']:.0f} MB, store {ours['store_mb']:.1f} MB "
+            f"(multiscale OME-Zarr); naive: {naive['wall']:.0f} s, peak {naive['rss_mb']:.0f} MB, "
+            f"{naive['file_mb']:.0f} MB float32 array"
+        )
+        print(
+            f"   naive / wsltool: wall {naive['wall'] / ours['wall']:.2f}x, "
+            f"peak RSS {naive['rss_mb'] / ours['rss_mb']:.2f}x"
+        )
     if "anchor" not in skip:
         an = slide(16_000, 12_000, tissue=0.4)
         ck18 = checkpoint("resnet18_512", backbone="resnet18", output_stride=32, input_size=512, mpp=0.5)
         cfg_a = {"mpp": 0.5, "region": 512, "overlap": 0, "out_factor": 8, "batch_size": 8, "workers": 2}
         r = sub("e2e", an, ck18, cfg_a)
-        print(f"4. anchor setting ({an.name}, 512 px at 0.5 um/px, ResNet-18, batch 8, 2 readers): {r['regions']} "
-              f"patches, {r['regions'] / r['wall']:.2f} patches/s end to end with the store written "
-              f"(TIAToolbox SemanticSegmentor measured here: 6.84; ratio {r['regions'] / r['wall'] / 6.84:.2f}); "
-              f"peak {r['rss_mb']:.0f} MB (TIAToolbox 5.7 GB); store {r['store_mb']:.1f} MB (TIAToolbox 378 MB)")
+        print(
+            f"4. anchor setting ({an.name}, 512 px at 0.5 um/px, ResNet-18, batch 8, 2 readers): {r['regions']} "
+            f"patches, {r['regions'] / r['wall']:.2f} patches/s end to end with the store written "
+            f"(TIAToolbox SemanticSegmentor measured here: 6.84; ratio {r['regions'] / r['wall'] / 6.84:.2f}); "
+            f"peak {r['rss_mb']:.0f} MB (TIAToolbox 5.7 GB); store {r['store_mb']:.1f} MB (TIAToolbox 378 MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import TreeRSS, machine, timer  # noqa: E402
+from _common import TreeRSS, machine, timer
 
 OUT = Path("bench-out")
 
@@ -75,8 +75,20 @@ def openslide_loop(path: Path, region: int, limit: int | None) -> dict:
 
 
 def sub(mode: str, path: Path, region: int, workers: int, limit: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--mode", mode, "--path", str(path), "--region", str(region),
-           "--workers", str(workers), "--limit", str(limit or 0)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--mode",
+        mode,
+        "--path",
+        str(path),
+        "--region",
+        str(region),
+        "--workers",
+        str(workers),
+        "--limit",
+        str(limit or 0),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -100,20 +112,28 @@ def main() -> None:
     small = make_slide(20_000, 15_000)
     grid, tissue, t_tissue = grid_for(big, a.region)
     print(f"machine: {machine()}")
-    print(f"slide {big.name}: tissue {100 * tissue.fraction:.1f}% detected in {t_tissue:.2f} s "
-          f"(tissue + grid), {len(grid)} tissue regions of {a.region} px at 0.5 mpp")
+    print(
+        f"slide {big.name}: tissue {100 * tissue.fraction:.1f}% detected in {t_tissue:.2f} s "
+        f"(tissue + grid), {len(grid)} tissue regions of {a.region} px at 0.5 mpp"
+    )
     limit = a.limit or None
     loop = sub("loop", big, a.region, 0, limit)
     stream = sub("stream", big, a.region, a.workers, limit)
-    print(f"openslide.read_region loop (1 thread): {loop['per_s']:.1f} regions/s ({loop['regions']} in "
-          f"{loop['seconds']:.1f} s)")
-    print(f"RegionStream ({a.workers} workers):     {stream['per_s']:.1f} regions/s ({stream['regions']} in "
-          f"{stream['seconds']:.1f} s)")
+    print(
+        f"openslide.read_region loop (1 thread): {loop['per_s']:.1f} regions/s ({loop['regions']} in "
+        f"{loop['seconds']:.1f} s)"
+    )
+    print(
+        f"RegionStream ({a.workers} workers):     {stream['per_s']:.1f} regions/s ({stream['regions']} in "
+        f"{stream['seconds']:.1f} s)"
+    )
     print(f"ratio stream/loop: {stream['per_s'] / loop['per_s']:.2f} (target >= 1.7)")
     small_stream = sub("stream", small, a.region, a.workers, limit)
     ratio = stream["peak_rss_mb"] / small_stream["peak_rss_mb"]
-    print(f"peak RSS of the stream (process tree): {stream['peak_rss_mb']:.0f} MB for 40000x30000, "
-          f"{small_stream['peak_rss_mb']:.0f} MB for 20000x15000: ratio {ratio:.2f} (target within 15%)")
+    print(
+        f"peak RSS of the stream (process tree): {stream['peak_rss_mb']:.0f} MB for 40000x30000, "
+        f"{small_stream['peak_rss_mb']:.0f} MB for 20000x15000: ratio {ratio:.2f} (target within 15%)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,17 +61,25 @@ def evaluate(ckpt: Path, cohort: Path, out: Path, infer_cfg: dict) -> dict:
     rows = []
     for it in read_labels(cohort / "test.csv"):
         t0 = time.perf_counter()
-        res = infer_slide(it.path, out / f"{it.path.stem}.zarr", str(ckpt), InferConfig(**infer_cfg), overwrite=True,
-                          resume=False)
+        res = infer_slide(
+            it.path, out / f"{it.path.stem}.zarr", str(ckpt), InferConfig(**infer_cfg), overwrite=True, resume=False
+        )
         st = HeatmapStore.open(res.store)
         m, g = lesion_at(st, it.mask)
         t = st.tissue(0) > 0
         mp = st.mplus(0)
         dice = 2 * (m & g).sum() / max(1, m.sum() + g.sum()) if it.label == "malignant" else float("nan")
-        rows.append({"slide": it.path.name, "label": it.label, "p_malignant": res.probs[-1], "dice": float(dice),
-                     "flagged_tissue": float((m & t).sum() / max(1, t.sum())),
-                     "pixel_auc": roc_auc(g[t], mp[t]) if g[t].any() else float("nan"),
-                     "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "slide": it.path.name,
+                "label": it.label,
+                "p_malignant": res.probs[-1],
+                "dice": float(dice),
+                "flagged_tissue": float((m & t).sum() / max(1, t.sum())),
+                "pixel_auc": roc_auc(g[t], mp[t]) if g[t].any() else float("nan"),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         preview_png(res.store, out / f"{it.path.stem}.png", max_size=800)
     y = [int(r["label"] == "malignant") for r in rows]
     summary = {
@@ -111,16 +119,24 @@ def main() -> int:
     t0 = time.perf_counter()
     fit = train_from_items(items, a.out, model_cfg=mcfg, train_cfg=tcfg, mil=mil, progress=True)
     train_s = time.perf_counter() - t0
-    icfg = {"overlap": mil.region // 4, "out_factor": 4 if mil.region <= 128 else 8, "workers": 0,
-            **kv(a.infer)}
+    icfg = {"overlap": mil.region // 4, "out_factor": 4 if mil.region <= 128 else 8, "workers": 0, **kv(a.infer)}
     ev = evaluate(fit.best, a.cohort, a.out, icfg)
-    ev.update({"train_seconds": train_s, "model": kv(a.model), "train": kv(a.train), "mil": kv(a.mil),
-               "best_epoch": fit.best_epoch,
-               "regions_per_s": float(np.mean([h["regions_per_s"] for h in fit.history]))})
+    ev.update(
+        {
+            "train_seconds": train_s,
+            "model": kv(a.model),
+            "train": kv(a.train),
+            "mil": kv(a.mil),
+            "best_epoch": fit.best_epoch,
+            "regions_per_s": float(np.mean([h["regions_per_s"] for h in fit.history])),
+        }
+    )
     (a.out / "results.json").write_text(json.dumps(ev, indent=1))
     for r in ev["rows"]:
-        print(f"  {r['slide']:28s} p={r['p_malignant']:.3f} dice={r['dice']:.3f} flagged={r['flagged_tissue']:.3f} "
-              f"pxAUC={r['pixel_auc']:.3f}")
+        print(
+            f"  {r['slide']:28s} p={r['p_malignant']:.3f} dice={r['dice']:.3f} flagged={r['flagged_tissue']:.3f} "
+            f"pxAUC={r['pixel_auc']:.3f}"
+        )
     print("SUMMARY", json.dumps(ev["summary"]), f"train {train_s:.0f} s")
     return 0
 

@@ -152,8 +152,14 @@ def _has_slides(items: list[Any]) -> bool:
     return False
 
 
-def _run_slides(args: argparse.Namespace, items: list[Any], classes: list[str], mdata: dict[str, Any],
-                tdata: dict[str, Any], src: Path) -> int:
+def _run_slides(
+    args: argparse.Namespace,
+    items: list[Any],
+    classes: list[str],
+    mdata: dict[str, Any],
+    tdata: dict[str, Any],
+    src: Path,
+) -> int:
     """Slide-level (multiple-instance) training: ``wsltool.train.slides.train_from_items``."""
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict
     from wsltool.train.slides import train_from_items
@@ -165,9 +171,17 @@ def _run_slides(args: argparse.Namespace, items: list[Any], classes: list[str], 
     model_cfg = from_dict(ModelConfig, {**SLIDE_MODEL_DEFAULTS, **mdata}, source="model config")
     train_cfg = from_dict(TrainConfig, {**SLIDE_TRAIN_DEFAULTS, **tdata}, source="train config")
     mil_cfg = from_dict(MilConfig, mil, source="MIL config")
-    res = train_from_items(items, args.out, model_cfg=model_cfg, train_cfg=train_cfg, mil=mil_cfg,
-                           class_names=classes, resume=args.resume, device=args.device,
-                           progress=not args.no_progress)
+    res = train_from_items(
+        items,
+        args.out,
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+        mil=mil_cfg,
+        class_names=classes,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     best = next((h for h in res.history if h["epoch"] == res.best_epoch), {})
     print(f"trained from {len(items)} slide labels, classes {', '.join(classes)}, {res.seconds:.0f} s")
     auc = best.get("valid_auc")

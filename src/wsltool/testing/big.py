@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,16 +70,37 @@ def write_large_svs(
                     tex = np.asarray(downsample(np.tile(tex, (min(f, 4), min(f, 4), 1)), min(f, 4)))
                 yield np.where(m[..., None], tex, glass)
 
-    kw = {"photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 80}, "metadata": None}
+    kw: dict[str, Any] = {
+        "photometric": "rgb",
+        "compression": "jpeg",
+        "compressionargs": {"level": 80},
+        "metadata": None,
+    }
     desc0 = f"{_HDR}{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) JPEG/RGB Q=80|AppMag = 20|MPP = {mpp:g}"
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**32) as tw:
-        tw.write(level_tiles(1), shape=(height, width, 3), dtype=np.uint8, tile=(TILE, TILE), subfiletype=0,
-                 description=desc0, maxworkers=2, **kw)
+        tw.write(
+            level_tiles(1),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            subfiletype=0,
+            description=desc0,
+            maxworkers=2,
+            **kw,
+        )
         th = np.where(downsample(mask.astype(np.uint8) * 255, 2)[..., None] > 127, 200, 242).astype(np.uint8)
         th = np.repeat(th, 3, axis=2)
         tw.write(th, description=f"{_HDR}{width}x{height} -> {th.shape[1]}x{th.shape[0]} - ", **kw)
         for f in factors:
             lw, lh = width // f, height // f
-            tw.write(level_tiles(f), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE), subfiletype=0,
-                     description=f"{_HDR}{width}x{height} -> {lw}x{lh} JPEG/RGB Q=80", maxworkers=2, **kw)
+            tw.write(
+                level_tiles(f),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                subfiletype=0,
+                description=f"{_HDR}{width}x{height} -> {lw}x{lh} JPEG/RGB Q=80",
+                maxworkers=2,
+                **kw,
+            )
     return mask

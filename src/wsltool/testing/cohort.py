@@ -70,8 +70,9 @@ def make_cohort(
         for label, n in (("benign", n_benign), ("malignant", n_malignant)):
             for _ in range(n):
                 frac = float(rng.uniform(*lesion_range)) if label == "malignant" else 0.0
-                c = he_tissue(size[0], size[1], seed=seed * 1000 + i, n_blobs=int(rng.integers(2, 4)),
-                              lesion_fraction=frac)
+                c = he_tissue(
+                    size[0], size[1], seed=seed * 1000 + i, n_blobs=int(rng.integers(2, 4)), lesion_fraction=frac
+                )
                 name = f"{split}_{i:03d}_{label}"
                 p = write_svs(out / f"{name}.svs", c.rgb, mpp=mpp, factors=(4, 16))
                 lm, tm = out / f"{name}_lesion.png", out / f"{name}_tissue.png"

@@ -242,7 +242,9 @@ def write_generic_tiff(
     with tifffile.TiffWriter(path) as tw:
         tw.write(img, tile=(tile, tile), subfiletype=0, **res, **kw)
         for f in factors:
-            r: dict[str, Any] = {} if mpp is None else {"resolution": (1e4 / (mpp * f),) * 2, "resolutionunit": "CENTIMETER"}
+            r: dict[str, Any] = (
+                {} if mpp is None else {"resolution": (1e4 / (mpp * f),) * 2, "resolutionunit": "CENTIMETER"}
+            )
             tw.write(downsample(img, f), tile=(tile, tile), subfiletype=1, **r, **kw)
     return path
 

@@ -55,7 +55,7 @@ class Source:
         return 1 if self.kind == "image" else len(self.origins)
 
 
-def roc_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
+def roc_auc(y_true: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties counted half; NaN with one class only."""
     y = np.asarray(y_true, dtype=bool)
     s = np.asarray(score, dtype=np.float64)
@@ -117,7 +117,7 @@ class RegionReader:
         self.mil = mil
         self._open: dict[Path, Any] = {}
 
-    def read(self, src: Source, idx: Sequence[int]) -> torch.Tensor:
+    def read(self, src: Source, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Regions ``idx`` of ``src`` (raises ``SlideError`` when the slide became unreadable)."""
         from PIL import Image
 
@@ -136,7 +136,9 @@ class RegionReader:
         out = torch.empty((len(idx), 3, r, r), dtype=torch.uint8)
         for k, i in enumerate(idx):
             x, y = src.origins[int(i)]
-            out[k] = torch.from_numpy(np.array(s.read_region(float(x), float(y), r, r, mpp=self.mil.mpp))).permute(2, 0, 1)
+            out[k] = torch.from_numpy(np.array(s.read_region(float(x), float(y), r, r, mpp=self.mil.mpp))).permute(
+                2, 0, 1
+            )
         return out
 
     def close(self) -> None:
@@ -355,7 +357,7 @@ def fit_slides(
         log.info("resuming %s at epoch %d", out, start)
     reader = RegionReader(mil)
     t_start = time.perf_counter()
-    common = {
+    common: dict[str, Any] = {
         "class_names": list(class_names),
         "mpp": mil.mpp,
         "input_size": mil.region,
@@ -413,7 +415,8 @@ def fit_slides(
                     g["lr"] = g["base_lr"] * f
                 xb = torch.stack([augment(xall[i], mil.region, train_cfg.color_jitter, gen) for i in sel])
                 yb = torch.as_tensor(yall[sel], dtype=torch.long, device=dev)
-                losses = model.training_losses(model.normalize(xb.to(dev)), yb, epoch=epoch, barrier_t=t_bar)
+                net: Any = model
+                losses = net.training_losses(net.normalize(xb.to(dev)), yb, epoch=epoch, barrier_t=t_bar)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 opt.step()
@@ -465,14 +468,14 @@ def fit_slides(
                 "best_epoch": best_epoch,
                 "history": json.dumps(history if not stopped else history[:-1]),
             }
-            save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)  # type: ignore[arg-type]
+            save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
             if is_best:
                 save_checkpoint(
                     best_path,
                     model,
                     extra={"epoch": epoch, **{k: rec.get(k) for k in ("valid_error", "valid_auc", "valid_loss")}},
                     **common,
-                )  # type: ignore[arg-type]
+                )
             _write_history(out, history)
             if progress:
                 txt = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if isinstance(v, float) and k != "lr")
@@ -503,8 +506,11 @@ __all__ = [
 
 
 def stratified_split(items: Sequence[LabeledItem], valid_fraction: float = 0.25, seed: int = 0) -> list[LabeledItem]:
-    """Assign ``train``/``valid`` per class with a seed: ``round(fraction * n)`` per class go to valid
-    (at least one when the class has two or more items, never all of them)."""
+    """Assign ``train``/``valid`` per class with a seed.
+
+    ``round(fraction * n)`` items of each class go to ``valid``: at least one when the class has two or
+    more items, never all of them.
+    """
     import dataclasses
 
     rng = np.random.default_rng(seed)
