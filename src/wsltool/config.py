@@ -216,8 +216,8 @@ class InferConfig:
     overlap
         Overlap between regions in px at ``mpp``; overlaps are blended with a smooth window.
     out_factor
-        Output pixel = ``out_factor`` input pixels (``out_mpp = mpp * out_factor``); must divide both
-        the region size and the stride so that regions land on whole output pixels.
+        Output pixel = ``out_factor`` input pixels (``out_mpp = mpp * out_factor``, default 4: 4 um at 1 um/px);
+        must divide both the region size and the stride so that regions land on whole output pixels.
     batch_size
         Regions per model batch.
     workers
@@ -241,8 +241,8 @@ class InferConfig:
 
     mpp: float | None = None
     region: int | None = None
-    overlap: int = 64
-    out_factor: int = 8
+    overlap: int = 32
+    out_factor: int = 4
     batch_size: int = 8
     workers: int = 2
     device: str = "auto"
@@ -305,7 +305,7 @@ class MilConfig:
     """
 
     mpp: float = 1.0
-    region: int = 256
+    region: int = 128
     top_k: int = 4
     n_random: int = 2
     score_cap: int = 48

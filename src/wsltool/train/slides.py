@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -307,7 +308,9 @@ def fit_slides(
     pos = list(class_names).index(pos_name)
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from wsltool.train import distributed
+
+    dist_info, dev = distributed.setup(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_prep = time.perf_counter()
@@ -321,6 +324,7 @@ def fit_slides(
     )
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg).to(dev)
+    loss_module = distributed.wrap(model, dist_info, dev)
     if init_from is not None:
         blob = read_checkpoint(init_from, dev)
         try:
@@ -397,6 +401,9 @@ def fit_slides(
                 extra = rng.choice(idx, counts.max() - idx.size, replace=True) if counts.max() > idx.size else []
                 order.extend(idx.tolist() + list(extra))
             order_arr = rng.permutation(np.asarray(order))
+            if dist_info.enabled:  # every rank sampled the same regions: take this rank's share, equal counts
+                per = max(1, len(order_arr) // dist_info.world)
+                order_arr = order_arr[dist_info.rank :: dist_info.world][:per]
             t_sample = time.perf_counter() - t_ep
             # 3. one pass of the min-max losses
             model.train()
@@ -416,13 +423,14 @@ def fit_slides(
                 xb = torch.stack([augment(xall[i], mil.region, train_cfg.color_jitter, gen) for i in sel])
                 yb = torch.as_tensor(yall[sel], dtype=torch.long, device=dev)
                 net: Any = model
-                losses = net.training_losses(net.normalize(xb.to(dev)), yb, epoch=epoch, barrier_t=t_bar)
+                losses = loss_module(net.normalize(xb.to(dev)), yb, epoch, t_bar)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 opt.step()
                 for k, v in losses.items():
                     if not k.startswith("_"):
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
+            distributed.sync_buffers(model, dist_info)
             done_b = max(1, b + (0 if stopped else 1))
             rec: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
             rec.update({k: v / done_b for k, v in sums.items()})
@@ -438,7 +446,7 @@ def fit_slides(
             rec["regions_per_s"] = round(len(order_arr) / max(1e-9, time.perf_counter() - t_ep - t_sample), 2)
             # 4. slide-level validation
             key: tuple[float, ...] | None
-            if valid_src:
+            if valid_src and dist_info.main:
                 vrng = np.random.default_rng(12345)
                 scores, labels = [], []
                 for src in valid_src:
@@ -468,6 +476,10 @@ def fit_slides(
                 "best_epoch": best_epoch,
                 "history": json.dumps(history if not stopped else history[:-1]),
             }
+            if not dist_info.main:  # only rank 0 validates and writes files
+                if stopped:
+                    break
+                continue
             save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
             if is_best:
                 save_checkpoint(
@@ -486,7 +498,23 @@ def fit_slides(
                 break
     finally:
         reader.close()
-    if not best_path.exists() and last_path.exists():
+        dump = os.environ.get("WSLTOOL_DDP_DUMP")  # test hook: each rank records its final weights
+        if dump:
+            from wsltool.train.checkpoint import weights_fingerprint
+
+            Path(dump, f"rank{dist_info.rank}.json").write_text(
+                json.dumps(
+                    {
+                        "rank": dist_info.rank,
+                        "world": dist_info.world,
+                        "fingerprint": weights_fingerprint(model.state_dict()),
+                        "wrote_files": dist_info.main,
+                    }
+                )
+            )
+        distributed.barrier(dist_info)
+        distributed.teardown(dist_info)
+    if dist_info.main and not best_path.exists() and last_path.exists():
         import shutil
 
         shutil.copyfile(last_path, best_path)
