@@ -28,10 +28,24 @@ from wsltool.store import HeatmapStore
 from wsltool.testing import he_tissue, write_svs
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = InferConfig(mpp=1.0, overlap=0, workers=0, device="cpu")
+CFG = InferConfig(mpp=1.0, overlap=0, out_factor=8, workers=0, device="cpu")
 # one torch thread everywhere: CPU convolutions round differently with other thread counts, and the stores
 # are compared bit for bit with single-slide runs
-CLI_CFG = ["--mpp", "1.0", "--overlap", "0", "--readers", "0", "--device", "cpu", "--torch-threads", "1", "--quiet"]
+CLI_CFG = [
+    "--mpp",
+    "1.0",
+    "--overlap",
+    "0",
+    "--out-factor",
+    "8",
+    "--readers",
+    "0",
+    "--device",
+    "cpu",
+    "--torch-threads",
+    "1",
+    "--quiet",
+]
 N_GOOD = 5
 
 
@@ -133,7 +147,7 @@ def test_cohort_with_corrupt_slides_matches_single_slide_runs(cohort: dict[str, 
         assert float(row["tissue_mm2"]) == pytest.approx(res.tissue_mm2, abs=1e-4)
         assert float(row["seconds"]) > 0 and Path(row["store"]) == out / f"{sid}.zarr"
     # the slides differ (the table cannot have mixed them up)
-    assert len({int(table[p.stem]["regions"]) for p in cohort["good"]} | {0}) > 2
+    assert len({table[p.stem]["regions"] for p in cohort["good"]}) >= 2
     for sid, problem in (("bad", "not a slide"), ("cut", "cannot decode pixels")):
         row = table[sid]
         assert row["status"] == "failed" and row["attempts"] == "1", row  # WslError: no retry

@@ -585,9 +585,10 @@ def _cpu_count() -> int:
 def default_cluster_size() -> tuple[int, int]:
     """``(worker processes, torch threads per worker)`` for a LocalCluster on this machine.
 
-    GPU: one process per GPU. CPU: at least two processes (so one slide's reading, tissue detection and
-    writing overlap another's compute), about four cores each on bigger machines, never more processes
-    than cores. Each Dask worker runs one task at a time.
+    GPU: one process per GPU. CPU: one process per four cores (at least one), each with ``cores / workers``
+    torch threads; each Dask worker runs one slide at a time. On 2 loaded cores one worker with two threads
+    was as fast as or faster than two single-threaded workers (docs/cohort.md): a second worker pays the
+    torch import and the model load again and has no idle core to overlap into.
     """
     try:
         import torch
@@ -597,7 +598,7 @@ def default_cluster_size() -> tuple[int, int]:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     cores = _cpu_count()
-    workers = min(cores, max(2, cores // 4))
+    workers = max(1, cores // 4)
     return workers, max(1, cores // workers)
 
 

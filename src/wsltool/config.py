@@ -368,6 +368,9 @@ class ModelConfig:
         What the max-entropy term on X- trains: ``"all"`` (paper: localizer, backbone and classifier) or
         ``"localizer"`` (backbone and classifier parameters held fixed for that term, so the classifier cannot
         satisfy it by learning to be uncertain on masked-looking images; only the mask can).
+    padding
+        Convolution padding of the backbone: ``"zeros"`` (as pretrained) or ``"replicate"`` (no border
+        features for the mask to latch onto).
     mean, std
         Input normalisation (pixels in [0, 1]); empty = the backbone's default.
     """
@@ -395,6 +398,7 @@ class ModelConfig:
     bn_mode: typing.Literal["train", "masked_running", "frozen"] = "masked_running"
     threshold: float = 0.5
     neg_updates: typing.Literal["all", "localizer"] = "all"
+    padding: typing.Literal["zeros", "replicate"] = "zeros"
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 

@@ -25,7 +25,11 @@ def machine() -> str:
 
 
 class TreeRSS:
-    """Samples the summed RSS of this process and all its descendants (DataLoader workers...)."""
+    """Samples the summed memory of this process and all its descendants (DataLoader workers...).
+
+    Uses PSS (proportional set size) where the kernel reports it: forked workers share most pages with
+    their parent, and summing plain RSS would count those pages once per process.
+    """
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -33,12 +37,19 @@ class TreeRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def _mem(p: psutil.Process) -> int:
+        try:
+            return int(p.memory_full_info().pss)
+        except (AttributeError, psutil.AccessDenied):
+            return int(p.memory_info().rss)
+
     def _sample(self) -> int:
         me = psutil.Process()
-        total = me.memory_info().rss
+        total = self._mem(me)
         for c in me.children(recursive=True):
             try:
-                total += c.memory_info().rss
+                total += self._mem(c)
             except psutil.Error:
                 pass
         return total

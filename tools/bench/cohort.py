@@ -10,10 +10,11 @@ side by side in one run:
 2. ``wsltool cohort infer cohort.csv -o OUT --model ...`` with its default LocalCluster, timed from start
    to exit (cluster start-up and shutdown included).
 
-Both use the same inference settings (``--mpp 1 --overlap 0 --device cpu`` and ``--readers`` reader
-processes per slide).  On a small CPU machine the gain of the cohort run comes from paying Python, torch
-and model start-up once per worker instead of once per slide, and from overlapping one slide's reading,
-tissue detection and writing with another's compute.
+Both use the same inference settings (``--mpp 1 --overlap 0 --out-factor 4 --device cpu`` and
+``--readers`` reader processes per slide).  On a small CPU machine the gain of the cohort run comes from
+paying Python, torch and model start-up once per worker instead of once per slide (and, with several
+workers and idle cores, from overlapping one slide's reading, tissue detection and writing with another's
+compute).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
 OUT = Path("bench-out") / "cohort"
-SETTINGS = ["--mpp", "1.0", "--overlap", "0", "--device", "cpu", "--quiet"]
+SETTINGS = ["--mpp", "1.0", "--overlap", "0", "--out-factor", "4", "--device", "cpu", "--quiet"]
 
 
 def make_cohort(n: int, h: int, w: int) -> tuple[Path, Path, list[Path]]:

@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--region", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="regions per pass (0 = all tissue regions)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating loop/stream passes (best of each)")
     a = ap.parse_args()
     if a.mode == "stream":
         print(json.dumps(stream_pass(a.path, a.region, a.workers, a.limit or None)))
@@ -117,8 +118,13 @@ def main() -> None:
         f"(tissue + grid), {len(grid)} tissue regions of {a.region} px at 0.5 mpp"
     )
     limit = a.limit or None
-    loop = sub("loop", big, a.region, 0, limit)
-    stream = sub("stream", big, a.region, a.workers, limit)
+    # alternate the two twice and keep the best of each: load from other processes varies over time
+    loops, streams = [], []
+    for _ in range(a.repeats):
+        loops.append(sub("loop", big, a.region, 0, limit))
+        streams.append(sub("stream", big, a.region, a.workers, limit))
+    loop = max(loops, key=lambda r: r["per_s"])
+    stream = max(streams, key=lambda r: r["per_s"])
     print(
         f"openslide.read_region loop (1 thread): {loop['per_s']:.1f} regions/s ({loop['regions']} in "
         f"{loop['seconds']:.1f} s)"
@@ -127,11 +133,11 @@ def main() -> None:
         f"RegionStream ({a.workers} workers):     {stream['per_s']:.1f} regions/s ({stream['regions']} in "
         f"{stream['seconds']:.1f} s)"
     )
-    print(f"ratio stream/loop: {stream['per_s'] / loop['per_s']:.2f} (target >= 1.7)")
+    print(f"ratio stream/loop: {stream['per_s'] / loop['per_s']:.2f} (target >= 1.7; best of {a.repeats} each)")
     small_stream = sub("stream", small, a.region, a.workers, limit)
     ratio = stream["peak_rss_mb"] / small_stream["peak_rss_mb"]
     print(
-        f"peak RSS of the stream (process tree): {stream['peak_rss_mb']:.0f} MB for 40000x30000, "
+        f"peak memory (PSS) of the stream (process tree): {stream['peak_rss_mb']:.0f} MB for 40000x30000, "
         f"{small_stream['peak_rss_mb']:.0f} MB for 20000x15000: ratio {ratio:.2f} (target within 15%)"
     )
 

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
         "--workers",
         type=int,
         default=None,
-        help="LocalCluster worker processes (default: sized to the machine: one per GPU, or >= 2 on CPU)",
+        help="LocalCluster worker processes (default: one per GPU, or one per 4 CPU cores)",
     )
     q.add_argument(
         "--torch-threads",
@@ -45,16 +45,28 @@ def register(sub: Any) -> None:
         help="seconds after which an unrefreshed lock of "
         "another host is reclaimed (default 3600; locks of dead processes on this host at once)",
     )
+    from wsltool.config import InferConfig
+
+    d = InferConfig()  # the same defaults as `wsltool infer`
     q.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
     q.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
-    q.add_argument("--overlap", type=int, default=64, help="overlap between regions in px (default 64)")
-    q.add_argument("--out-factor", type=int, default=8, help="output pixel = N input pixels (default 8)")
-    q.add_argument("--batch", type=int, default=8, help="regions per batch (default 8)")
+    q.add_argument(
+        "--overlap", type=int, default=d.overlap, help=f"overlap between regions in px (default {d.overlap})"
+    )
+    q.add_argument(
+        "--out-factor", type=int, default=d.out_factor, help=f"output pixel = N input pixels (default {d.out_factor})"
+    )
+    q.add_argument("--batch", type=int, default=d.batch_size, help=f"regions per batch (default {d.batch_size})")
     q.add_argument("--readers", type=int, default=1, help="reader processes per slide (default 1)")
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    q.add_argument("--device", default=d.device, help=f"auto | cpu | cuda[:N] (default {d.device})")
     q.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
-    q.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
-    q.add_argument("--top-k", type=int, default=5, help="slide score = mean of the top-k regions (default 5)")
+    q.add_argument(
+        "--threshold", type=float, default=d.threshold, help=f"M+ threshold of the mask (default {d.threshold})"
+    )
+    q.add_argument(
+        "--top-k", type=int, default=d.top_k, help=f"slide score = mean of the top-k regions (default {d.top_k})"
+    )
+    q.add_argument("--chunk", type=int, default=d.chunk, help=f"store chunk side in output px (default {d.chunk})")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run)
 
@@ -86,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         threshold=args.threshold,
         top_k=args.top_k,
+        chunk=args.chunk,
     )
     summary = run_cohort(
         args.cohort,

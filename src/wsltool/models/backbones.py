@@ -56,22 +56,25 @@ class BackboneInfo:
 # ---------------------------------------------------------------------------------------------- EfficientNet
 
 
-def _same_pad(x: torch.Tensor, k: int, s: int, d: int) -> torch.Tensor:
+def _same_pad(x: torch.Tensor, k: int, s: int, d: int, mode: str = "constant") -> torch.Tensor:
     """Pad like TensorFlow's "SAME" (more on the bottom/right when the total is odd)."""
     ih, iw = x.shape[-2:]
     eff = (k - 1) * d + 1
     ph = max((math.ceil(ih / s) - 1) * s + eff - ih, 0)
     pw = max((math.ceil(iw / s) - 1) * s + eff - iw, 0)
     if ph or pw:
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], mode=mode)
     return x
 
 
 class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size."""
 
+    #: F.pad mode of the "SAME" padding ("constant" = zeros, as pretrained; "replicate").
+    pad_mode: str = "constant"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = _same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0])
+        x = _same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0], self.pad_mode)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -364,6 +367,23 @@ _REGISTRY: dict[str, tuple[BackboneInfo, Callable[[str, int], nn.Module]]] = {
     "resnet50": (BackboneInfo("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet50")),
     "resnet101": (BackboneInfo("resnet101", 2048, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet101")),
 }
+
+
+def set_padding_mode(module: nn.Module, mode: str) -> None:
+    """Switch every convolution of a backbone to ``"zeros"`` or ``"replicate"`` padding.
+
+    Replicate padding removes the features that zero padding creates along the image border (a network can
+    otherwise place a mask on the border ring whatever the content).
+    """
+    if mode not in ("zeros", "replicate"):
+        msg = f"padding must be 'zeros' or 'replicate', got {mode!r}"
+        raise ConfigError(msg)
+    for m in module.modules():
+        if isinstance(m, SameConv2d):
+            m.pad_mode = "constant" if mode == "zeros" else "replicate"
+        elif isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple) and any(p > 0 for p in m.padding):
+            m._reversed_padding_repeated_twice = [p for p in reversed(m.padding) for _ in range(2)]
+            m.padding_mode = "replicate" if mode == "replicate" else "zeros"
 
 
 def available_backbones() -> list[str]:

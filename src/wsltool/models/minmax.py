@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsltool.config import ModelConfig
-from wsltool.models.backbones import build_backbone
+from wsltool.models.backbones import build_backbone, set_padding_mode
 from wsltool.models.erasing import recursive_erase
 from wsltool.models.losses import ce_loss, size_loss, uniform_ce_loss
 from wsltool.models.wildcat import CamHead, WildcatHead, wildcat_pool
@@ -83,6 +83,8 @@ class _Base(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone, info = build_backbone(cfg.backbone, cfg.pretrained, cfg.output_stride)
+        if cfg.padding != "zeros":
+            set_padding_mode(self.backbone, cfg.padding)
         self.channels = info.channels
         mean = cfg.mean or info.mean
         std = cfg.std or info.std

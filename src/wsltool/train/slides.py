@@ -223,7 +223,8 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
             axes[0].plot(ep, [h.get(k, np.nan) for h in history], label=k)
     axes[0].set_xlabel("epoch")
     axes[0].set_title("training losses")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     for k in ("valid_error", "valid_auc"):
         if any(k in h for h in history):
             vals = [h.get(k, np.nan) for h in history]
@@ -234,7 +235,8 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
             )
     axes[1].set_xlabel("epoch")
     axes[1].set_title("slide-level validation")
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=90)
