@@ -307,6 +307,9 @@ def test_retries_resume_transient_failures_but_not_bad_input(
     # a finished slide is skipped without calling inference again
     calls.clear()
     assert run_slide(s, tmp_path, model, cfg)["status"] == "skipped" and calls == []
+    # ... but not with other settings: the finished store is checked and never silently replaced
+    row = run_slide(s, tmp_path, model, {**cfg, "out_factor": 4}, retry_wait=0)
+    assert row["status"] == "failed" and "other settings" in row["error"] and calls == [sid]
 
 
 def test_store_killed_while_being_created_starts_over(cohort: dict[str, Any], tmp_path: Path) -> None:

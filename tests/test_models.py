@@ -266,3 +266,19 @@ def test_neg_updates_localizer_keeps_classifier_out_of_the_max_entropy_term() ->
         g = model.cls_head.conv.weight.grad
         assert (g is not None and float(g.abs().sum()) > 0) == cls_grad
         assert float(model.loc_head.conv.weight.grad.abs().sum()) > 0  # the mask still learns from it
+
+
+def test_replicate_padding_removes_border_features() -> None:
+    x = torch.full((1, 3, 64, 64), 0.3)  # a constant image: any spatial structure comes from the padding
+    for name, weights in (("tiny", "none"), ("efficientnet_lite0", "imagenet"), ("resnet18", "none")):
+        net, _ = build_backbone(name, weights, 16)
+        net.eval()
+        with torch.no_grad():
+            zeros = net(x)
+        from wsltool.models.backbones import set_padding_mode
+
+        set_padding_mode(net, "replicate")
+        with torch.no_grad():
+            rep = net(x)
+        assert float(zeros.std(dim=(2, 3)).max()) > 1e-4, name
+        assert float(rep.std(dim=(2, 3)).max()) < 1e-5, name

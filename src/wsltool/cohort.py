@@ -387,15 +387,29 @@ def _worker_config(cfg: InferConfig, gpu_per_worker: bool) -> InferConfig:
     return cfg
 
 
-def _finished(result_path: Path, store: Path) -> dict[str, Any] | None:
-    """The recorded result when the slide is done and its store is complete, else None."""
+def run_settings(model: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """What a finished slide must have been made with to be skipped.
+
+    The inference settings and the checkpoint's size and modification time (cheap to check): after a change
+    of either, finished slides are not skipped but checked again by ``infer_slide``.
+    """
+    st = Path(model).stat()
+    return {"config": config, "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns}
+
+
+def _finished(result_path: Path, store: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded result when the slide is done with these settings and its store is complete, else None."""
     from wsltool.store import HeatmapStore
 
     if not (result_path.exists() and store.exists()):
         return None
     try:
         prev = json.loads(result_path.read_text())
-        if prev.get("status") == "done" and HeatmapStore.open(store).complete:
+        if (
+            prev.get("status") == "done"
+            and prev.get("settings") == json.loads(json.dumps(settings))
+            and HeatmapStore.open(store).complete
+        ):
             return dict(prev)
     except (OSError, ValueError, WslError):
         pass
@@ -449,14 +463,15 @@ def run_slide(
     store = outdir / f"{slide.slide_id}.zarr"
     result_path = outdir / f"{slide.slide_id}.result.json"
     base = {"slide_id": slide.slide_id, "path": str(slide.path), "store": str(store), "host": socket.gethostname()}
-    prev = _finished(result_path, store)
+    settings = run_settings(model, config)
+    prev = _finished(result_path, store, settings)
     if prev is not None:
         return {**prev, "status": "skipped"}
     lock = SlideLock(outdir / f"{slide.slide_id}.lock", stale_after=stale_after)
     if not lock.acquire():
         return {**base, "status": "locked"}
     try:
-        prev = _finished(result_path, store)  # another runner may have finished it before we got the lock
+        prev = _finished(result_path, store, settings)  # another runner may have finished it meanwhile
         if prev is not None:
             return {**prev, "status": "skipped"}
         lock.start_heartbeat()
@@ -503,6 +518,7 @@ def run_slide(
                 "error": "",
                 "pid": os.getpid(),
                 "finished": time.time(),
+                "settings": settings,
             }
             _write_json(result_path, row)
             log_event(outdir, slide.slide_id, "done", attempts=attempts, computed=res.computed)
@@ -686,9 +702,10 @@ def run_cohort(
 
     kw: dict[str, Any] = {"retries": retries, "retry_wait": retry_wait, "stale_after": stale_after}
     # finished slides are counted here, without starting a cluster for them
+    settings = run_settings(model, cfg)
     pending = []
     for s in todo:
-        prev = _finished(outdir / f"{s.slide_id}.result.json", outdir / f"{s.slide_id}.zarr")
+        prev = _finished(outdir / f"{s.slide_id}.result.json", outdir / f"{s.slide_id}.zarr", settings)
         if prev is None:
             pending.append(s)
         else:

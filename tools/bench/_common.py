@@ -31,7 +31,7 @@ class TreeRSS:
     their parent, and summing plain RSS would count those pages once per process.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
