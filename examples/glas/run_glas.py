@@ -22,6 +22,8 @@ from pathlib import Path
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
     "paper2019": {
+        "padding": "zeros",
+        "neg_updates": "all",
         "kmax": 0.09,
         "kmin": 0.09,
         "alpha": 0.0,

@@ -385,20 +385,20 @@ class ModelConfig:
     kmin: float = 0.0
     alpha: float = 0.0
     head_dropout: float = 0.1
-    w: float = 5.0
-    sigma: float = 0.15
+    w: float = 8.0
+    sigma: float = 0.5
     cls_scale: float = 0.5
     detach_mask: bool = False
     size_prior: typing.Literal["none", "absolute", "range"] = "range"
-    area_min: float = 0.3
-    area_max: float = 0.7
+    area_min: float = 0.35
+    area_max: float = 0.65
     erase_passes: int = 0
     erase_sigma: float = 10.0
     erase_start: int = 1
-    bn_mode: typing.Literal["train", "masked_running", "frozen"] = "masked_running"
+    bn_mode: typing.Literal["train", "masked_running", "frozen"] = "frozen"
     threshold: float = 0.5
-    neg_updates: typing.Literal["all", "localizer"] = "all"
-    padding: typing.Literal["zeros", "replicate"] = "zeros"
+    neg_updates: typing.Literal["all", "localizer"] = "localizer"
+    padding: typing.Literal["zeros", "replicate"] = "replicate"
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
@@ -473,9 +473,9 @@ class TrainConfig:
         loss), ``"loss"`` or ``"last"``; ties go to the later epoch.
     """
 
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 8
-    crop: int = 320
+    crop: int = 224
     optimizer: typing.Literal["sgd", "adamw"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -517,6 +517,8 @@ class TrainConfig:
 
 #: The 2019 paper settings (min-max entropy, arXiv 1907.12934 and its public code) as a ModelConfig preset.
 PAPER_2019 = {
+    "padding": "zeros",
+    "neg_updates": "all",
     "kmax": 0.09,
     "kmin": 0.09,
     "alpha": 0.0,
