@@ -282,3 +282,13 @@ def test_replicate_padding_removes_border_features() -> None:
             rep = net(x)
         assert float(zeros.std(dim=(2, 3)).max()) > 1e-4, name
         assert float(rep.std(dim=(2, 3)).max()) < 1e-5, name
+
+
+def test_localize_under_autocast_returns_float32() -> None:
+    model = build_model(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 255, (2, 3, 40, 48), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = model.localize(x, size=(10, 12), autocast=True)
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, torch.float32)
+    assert out["mplus"].shape == (2, 10, 12)
+    assert float(out["mplus"].min()) >= 0 and float(out["mplus"].max()) <= 1
