@@ -353,7 +353,8 @@ class ModelConfig:
     detach_mask
         Detach M+ before masking (2019 paper code) or let the classifier losses reach the localizer (TMI).
     size_prior
-        ``"none"``, ``"absolute"`` (TMI: both regions non-empty) or ``"range"`` (area in [area_min, area_max]).
+        ``"none"``, ``"absolute"`` (TMI: both regions non-empty) or ``"range"`` (area in [area_min, area_max]);
+        applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
     area_min, area_max
         Bounds of the ``"range"`` size prior (area fraction of the soft mask).
     erase_passes, erase_sigma, erase_start
