@@ -17,7 +17,7 @@ from wsltool.infer.run import infer_slide
 from wsltool.store import HeatmapStore
 from wsltool.testing.cohort import make_cohort
 from wsltool.train.labels import read_labels
-from wsltool.train.slides import fit_slides
+from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, fit_slides
 
 
 def test_short_trained_model_finds_the_lesion(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_short_trained_model_finds_the_lesion(tmp_path: Path) -> None:
         train,
         [],
         ["benign", "malignant"],
-        ModelConfig(size_prior="none"),
+        ModelConfig(**SLIDE_MODEL_DEFAULTS),
         TrainConfig(epochs=6, batch_size=8, schedule="constant", warmup_epochs=0, seed=0),
         mil,
         tmp_path / "m",

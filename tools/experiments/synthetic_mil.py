@@ -112,7 +112,9 @@ def main() -> int:
     if not (a.cohort / "slides.csv").exists():
         make_cohort(a.cohort, {"train": (4, 4), "valid": (1, 1), "test": (2, 2)}, seed=a.seed)
     items = [it for it in read_labels(a.cohort / "slides.csv") if it.split in ("train", "valid")]
-    mcfg = ModelConfig(**kv(a.model))
+    from wsltool.train.slides import SLIDE_MODEL_DEFAULTS
+
+    mcfg = ModelConfig(**{**SLIDE_MODEL_DEFAULTS, **kv(a.model)})
     tcfg = TrainConfig(**{"epochs": 8, "schedule": "constant", "warmup_epochs": 0, **kv(a.train)})
     mil = MilConfig(**kv(a.mil))
     a.out.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,7 @@ def _run_slides(
 ) -> int:
     """Slide-level (multiple-instance) training: ``wsltool.train.slides.train_from_items``."""
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict
-    from wsltool.train.slides import train_from_items
+    from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, SLIDE_TRAIN_DEFAULTS, train_from_items
 
     mil = dict(args.mil_data)
     if args.mpp is not None:
@@ -188,11 +188,3 @@ def _run_slides(
     print(f"best: {res.best} (epoch {res.best_epoch + 1}" + (f", slide AUC {auc:.3f})" if auc is not None else ")"))
     print(f"last: {res.last}; log: {Path(args.out) / 'history.csv'}, {Path(args.out) / 'curves.png'}")
     return 0
-
-
-#: Slide-training defaults that differ from the image-level ones, measured on the synthetic cohort (README,
-#: tools/experiments/synthetic_mil.py): no size prior (the GlaS area prior of 30-70% per image is wrong for slide
-#: regions, where lesions cover 0-100% of a region; a 5-40% prior measured no better), a constant learning rate
-#: and no warm-up over a short schedule.
-SLIDE_MODEL_DEFAULTS: dict[str, Any] = {"size_prior": "none"}
-SLIDE_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 8, "schedule": "constant", "warmup_epochs": 0}
