@@ -113,6 +113,13 @@ def run(args: argparse.Namespace) -> int:
     if _has_slides(items):
         return _run_slides(args, items, classes, mdata, tdata, src)
     has_split = any(it.split is not None for it in items)
+    if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
+        from wsltool.train.slides import stratified_split, write_labels_csv
+
+        items = stratified_split(items, 0.25, seed=int(tdata.get("seed", 0)))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_labels_csv(Path(args.out) / "splits.csv", items)
+        has_split = True
     train = [it for it in items if not has_split or it.split == "train"]
     valid = [it for it in items if has_split and it.split == "valid"]
     if not train:
