@@ -6,6 +6,11 @@ order, which keeps the stitcher's open bands few) and yields ``(uint8 CHW tensor
 Nothing is converted to float here: normalisation happens on the model's device.  Memory is
 bounded by the DataLoader's prefetch queue (``num_workers * prefetch_factor`` batches), whatever the
 slide size.
+
+With ``batch_size`` set (what :func:`make_loader` does), each worker assembles whole batches: the
+regions are stacked as ``(B, H, W, 3)`` (one plain copy) and handed on as an NCHW *view* in
+``channels_last`` layout, the layout the model runs in, so no worker pays for a strided HWC->CHW
+transpose and the DataLoader does no per-sample collation.
 """
 
 from __future__ import annotations
@@ -63,8 +68,10 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         slide_mpp: float | None = None,
         backend: str | None = None,
         on_error: str = "raise",
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.batch_size = batch_size
         self.path = Path(path)
         self.origins = np.asarray(origins, dtype=np.float64)
         self.grid_origins = np.asarray(grid_origins, dtype=np.int64)
@@ -101,6 +108,9 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         return self._handle().read_region(float(x), float(y), self.region, self.region, mpp=self.mpp)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.batch_size:
+            yield from self._batches(self.batch_size)
+            return
         info = get_worker_info()
         mine = self.indices if info is None else self.indices[info.id :: info.num_workers]
         for i in mine:
@@ -115,6 +125,34 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
             tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
             gx, gy = self.grid_origins[i]
             yield tensor, torch.tensor([i, int(gx), int(gy)], dtype=torch.int64)
+
+    def _batches(self, bs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Whole batches: worker ``w`` takes batches ``w, w + n, ...`` of consecutive regions."""
+        info = get_worker_info()
+        chunks = [self.indices[k : k + bs] for k in range(0, len(self.indices), bs)]
+        mine = chunks if info is None else chunks[info.id :: info.num_workers]
+        s = self.region
+        for chunk in mine:
+            # allocated in shared memory when in a worker: handing it to the main process copies nothing
+            out = torch.empty((len(chunk), s, s, 3), dtype=torch.uint8)
+            if info is not None:
+                out.share_memory_()
+            buf = out.numpy()
+            metas = []
+            for i in chunk:
+                i = int(i)
+                try:
+                    buf[len(metas)] = self.read(i)
+                except SlideReadError as exc:
+                    if self.on_error == "raise":
+                        raise
+                    log.warning("skipping region %d: %s", i, exc)
+                    continue
+                gx, gy = self.grid_origins[i]
+                metas.append((i, int(gx), int(gy)))
+            if not metas:
+                continue
+            yield out[: len(metas)].permute(0, 3, 1, 2), torch.tensor(metas, dtype=torch.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -152,4 +190,5 @@ def make_loader(
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
-    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    stream.batch_size = batch_size  # batches are assembled in the workers (see the module docstring)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

@@ -74,7 +74,7 @@ class OpenSlideSlide(Slide):
         rgba = np.asarray(img)
         alpha = rgba[..., 3:4]
         if alpha.min() == 255:
-            return np.ascontiguousarray(rgba[..., :3])
+            return rgba[..., :3]  # a view: callers that need contiguous memory copy once, where they must
         # transparent where the scanner stored nothing: composite onto white glass
         a = alpha.astype(np.float32) / 255.0
         rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
