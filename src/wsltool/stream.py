@@ -138,7 +138,7 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
             if info is not None:
                 out.share_memory_()
             buf = out.numpy()
-            metas = []
+            metas: list[tuple[int, int, int]] = []
             for i in chunk:
                 i = int(i)
                 try:
