@@ -82,24 +82,12 @@ def _quiet_dask() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the cohort and print the summary line; exit 1 when any slide failed."""
+    from wsltool.cli.infer import config_from_args
     from wsltool.cohort import run_cohort
-    from wsltool.config import InferConfig
 
     if not getattr(args, "verbose", 0) and args.shard is None:
         _quiet_dask()
-    cfg = InferConfig(
-        mpp=args.mpp,
-        region=args.region,
-        overlap=args.overlap,
-        out_factor=args.out_factor,
-        batch_size=args.batch,
-        workers=args.readers,
-        device=args.device,
-        amp=not args.no_amp,
-        threshold=args.threshold,
-        top_k=args.top_k,
-        chunk=args.chunk,
-    )
+    cfg = config_from_args(args, workers=args.readers)
     summary = run_cohort(
         args.cohort,
         args.out,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsltool.config import InferConfig
 
 
 def register(sub: Any) -> None:
@@ -36,24 +39,30 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run inference and print the one-line summary."""
+def config_from_args(args: argparse.Namespace, *, workers: int) -> InferConfig:
+    """The :class:`~wsltool.config.InferConfig` of the inference options shared by ``infer`` and ``cohort``."""
     from wsltool.config import InferConfig
-    from wsltool.infer.run import infer_slide
 
-    cfg = InferConfig(
+    return InferConfig(
         mpp=args.mpp,
         region=args.region,
         overlap=args.overlap,
         out_factor=args.out_factor,
         batch_size=args.batch,
-        workers=args.workers,
+        workers=workers,
         device=args.device,
         amp=not args.no_amp,
         threshold=args.threshold,
         top_k=args.top_k,
         chunk=args.chunk,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run inference and print the one-line summary."""
+    from wsltool.infer.run import infer_slide
+
+    cfg = config_from_args(args, workers=args.workers)
     res = infer_slide(
         args.slide,
         args.out,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from wsltool.errors import MppError, SlideFormatError
+from wsltool.errors import MppError, SlideFormatError, SlideReadError
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,14 @@ class Slide(ABC):
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Read ``(h, w, 3)`` uint8 at ``level``; ``x, y, w, h`` in that level's pixels, inside it."""
+
+    def _probe(self) -> None:
+        """Read the first pixel of the coarsest level, so a truncated or corrupt file fails at open time."""
+        try:
+            self._read_level(self.level_count - 1, 0, 0, 1, 1)
+        except SlideReadError as exc:
+            self.close()
+            raise SlideFormatError(self.path, f"corrupt or truncated slide ({exc.problem})") from exc
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the file handle."""

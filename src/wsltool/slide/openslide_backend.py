@@ -56,12 +56,7 @@ class OpenSlideSlide(Slide):
             associated=tuple(self._osr.associated_images.keys()),
         )
         super().__init__(path, meta, mpp)
-        try:  # touch the first tile of the coarsest level so truncated files fail at open time
-            lvl = self.level_count - 1
-            self._read_level(lvl, 0, 0, 1, 1)
-        except SlideReadError as exc:
-            self.close()
-            raise SlideFormatError(path, f"corrupt or truncated slide ({exc.problem})") from exc
+        self._probe()
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide

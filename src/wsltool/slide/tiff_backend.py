@@ -128,12 +128,7 @@ class TiffSlide(Slide):
         )
         self._dtype = series.dtype
         super().__init__(path, meta, mpp)
-        try:
-            lvl = self.level_count - 1
-            self._read_level(lvl, 0, 0, 1, 1)
-        except SlideReadError as exc:
-            self.close()
-            raise SlideFormatError(path, f"corrupt or truncated slide ({exc.problem})") from exc
+        self._probe()
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         arr = self._arrays[level]
