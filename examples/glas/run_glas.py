@@ -19,23 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from wsltool.config import PAPER_2019
+
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
-    "paper2019": {
-        "padding": "zeros",
-        "neg_updates": "all",
-        "kmax": 0.09,
-        "kmin": 0.09,
-        "alpha": 0.0,
-        "head_dropout": 0.75,
-        "w": 8.0,
-        "sigma": 0.5,
-        "detach_mask": True,
-        "size_prior": "none",
-        "erase_passes": 4,
-        "bn_mode": "train",
-        "output_stride": 32,
-    },
+    "paper2019": dict(PAPER_2019),  # the one definition lives in wsltool.config
     "wildcat": {"method": "wildcat"},
     "cam": {"method": "cam"},
 }
