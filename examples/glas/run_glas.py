@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from wsltool.config import PAPER_2019
+from wsltool.config import PAPER_2019, parse_value
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
@@ -27,19 +27,6 @@ PRESETS: dict[str, dict[str, object]] = {
     "wildcat": {"method": "wildcat"},
     "cam": {"method": "cam"},
 }
-
-
-def parse_value(v: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    if v.lower() == "none" or v == "":
-        return None
-    return v
 
 
 def main() -> int:

@@ -134,6 +134,22 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def parse_value(text: str) -> Any:
+    """Parse a ``KEY=VALUE`` command-line value: int, float, ``true``/``false``, ``null`` (None), else the string.
+
+    ``none`` stays a string: several settings take it as a value (``size_prior=none``, ``pretrained=none``).
+    """
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    return None if low == "null" else text
+
+
 def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
     """Load a configuration dataclass from a TOML file (optionally from one table of it).
 

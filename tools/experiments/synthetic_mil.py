@@ -23,18 +23,9 @@ import wsltool  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 
 def kv(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        k, _, v = it.partition("=")
-        for cast in (int, float):
-            try:
-                out[k] = cast(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = {"true": True, "false": False, "null": None}.get(v.lower(), v)
-    return out
+    from wsltool.config import parse_value
+
+    return {k: parse_value(v) for k, _, v in (it.partition("=") for it in items)}
 
 
 def lesion_at(store, lesion_png: Path) -> tuple[np.ndarray, np.ndarray]:

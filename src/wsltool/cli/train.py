@@ -11,17 +11,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return None if v.lower() == "none" else v
-
-
 def register(sub: Any) -> None:
     """Add the ``train`` sub-command."""
     p = sub.add_parser(
@@ -64,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """Train and print where the checkpoints are."""
     import tomllib
 
-    from wsltool.config import ModelConfig, TrainConfig, from_dict
+    from wsltool.config import ModelConfig, TrainConfig, from_dict, parse_value
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import class_names_of, read_labels
@@ -101,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if not eq:
             msg = f"--set expects KEY=VALUE, got {kv!r}"
             raise ConfigError(msg)
-        (mdata if k in mfields else tdata if k in tfields else mil_data)[k] = _value(v)
+        (mdata if k in mfields else tdata if k in tfields else mil_data)[k] = parse_value(v)
     src = Path(args.labels)
     items = glas_items(src, work_dir=args.out) if src.is_dir() else read_labels(src, require_splits=())
     classes = class_names_of(items)

@@ -10,9 +10,10 @@ File content (``torch.save`` of plain containers only): ``{"format": "wsltool-ch
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,47 @@ def load_checkpoint(
     meta = dict(meta)
     meta["path"] = str(path)
     return model, meta
+
+
+def resume_training(
+    last_path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    map_location: str | torch.device,
+    same_config: Callable[[dict[str, Any]], bool],
+) -> tuple[int, list[float] | None, int, list[dict[str, Any]]]:
+    """Load ``last.pt`` into ``model`` and ``optimizer`` to continue an interrupted training.
+
+    Parameters
+    ----------
+    last_path
+        The ``last.pt`` written by the training loop.
+    model, optimizer
+        Built with the configuration of the run being resumed.
+    map_location
+        Device of the loaded tensors.
+    same_config
+        Called with the checkpoint's ``meta``; False refuses to resume.
+
+    Returns
+    -------
+    (start_epoch, best_key, best_epoch, history)
+
+    Raises
+    ------
+    CheckpointError
+        Nothing to resume, or a configuration that differs from the one given.
+    """
+    if not last_path.exists():
+        msg = f"{last_path}: nothing to resume"
+        raise CheckpointError(msg)
+    blob = read_checkpoint(last_path, map_location)
+    if not same_config(blob["meta"]):
+        msg = f"{last_path}: configuration differs from the one given; cannot resume"
+        raise CheckpointError(msg)
+    model.load_state_dict(blob["state_dict"])
+    st = blob["train_state"]
+    optimizer.load_state_dict(st["optimizer"])
+    best_key = [float(v) for v in st["best_key"]] if st.get("best_key") else None
+    log.info("resuming %s at epoch %d", last_path.parent, int(st["epoch"]) + 1)
+    return int(st["epoch"]) + 1, best_key, int(st.get("best_epoch", -1)), json.loads(st.get("history", "[]"))

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from wsltool.config import ModelConfig, TrainConfig, to_dict
-from wsltool.errors import CheckpointError, ConfigError
+from wsltool.errors import ConfigError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import read_checkpoint, save_checkpoint
+from wsltool.train.checkpoint import resume_training, save_checkpoint
 from wsltool.train.data import ImageSet
 from wsltool.train.labels import LabeledItem
 
@@ -156,27 +156,20 @@ def fit(
     use_amp = train_cfg.amp and dev.startswith("cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    start, history = 0, []
+    start = 0
+    history: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None
     best_epoch = -1
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
-        if not last_path.exists():
-            msg = f"{last_path}: nothing to resume"
-            raise CheckpointError(msg)
-        blob = read_checkpoint(last_path, dev)
-        meta = blob["meta"]
-        if meta["config"] != to_dict(model_cfg) or meta["train_config"] != to_dict(train_cfg):
-            msg = f"{last_path}: configuration differs from the one given; cannot resume"
-            raise CheckpointError(msg)
-        model.load_state_dict(blob["state_dict"])
-        st = blob["train_state"]
-        opt.load_state_dict(st["optimizer"])
-        start = int(st["epoch"]) + 1
-        best_key = (float(st["best_key"][0]), float(st["best_key"][1])) if st.get("best_key") else None
-        best_epoch = int(st.get("best_epoch", -1))
-        history = json.loads(st.get("history", "[]"))
-        log.info("resuming %s at epoch %d", out, start)
+        start, saved_key, best_epoch, history = resume_training(
+            last_path,
+            model,
+            opt,
+            dev,
+            lambda meta: meta["config"] == to_dict(model_cfg) and meta["train_config"] == to_dict(train_cfg),
+        )
+        best_key = (saved_key[0], saved_key[1]) if saved_key else None
     train_set = ImageSet(train_items, class_names, crop=train_cfg.crop, color_jitter=train_cfg.color_jitter)
     valid_set = ImageSet(valid_items, class_names) if valid_items else None
     t_start = time.perf_counter()

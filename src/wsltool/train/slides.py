@@ -29,7 +29,7 @@ import torch
 from wsltool.config import MilConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import read_checkpoint, save_checkpoint
+from wsltool.train.checkpoint import read_checkpoint, resume_training, save_checkpoint
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import _optimizer, lr_factor
@@ -354,31 +354,22 @@ def fit_slides(
             raise CheckpointError(msg) from exc
     opt = _optimizer(model, train_cfg)
     last_path, best_path = out / "last.pt", out / "best.pt"
-    start, history = 0, []
+    start = 0
+    history: list[dict[str, Any]] = []
     best_key: tuple[float, ...] | None = None
     best_epoch = -1
     if resume:
-        if not last_path.exists():
-            msg = f"{last_path}: nothing to resume"
-            raise CheckpointError(msg)
-        blob = read_checkpoint(last_path, dev)
-        meta = blob["meta"]
-        saved = meta.get("train_config", {})
-        if (
-            meta["config"] != to_dict(model_cfg)
-            or saved.get("train") != to_dict(train_cfg)
-            or saved.get("mil") != to_dict(mil)
-        ):
-            msg = f"{last_path}: configuration differs from the one given; cannot resume"
-            raise CheckpointError(msg)
-        model.load_state_dict(blob["state_dict"])
-        st = blob["train_state"]
-        opt.load_state_dict(st["optimizer"])
-        start = int(st["epoch"]) + 1
-        best_key = tuple(float(v) for v in st["best_key"]) if st.get("best_key") else None
-        best_epoch = int(st.get("best_epoch", -1))
-        history = json.loads(st.get("history", "[]"))
-        log.info("resuming %s at epoch %d", out, start)
+
+        def same(meta: dict[str, Any]) -> bool:
+            saved = meta.get("train_config", {})
+            return bool(
+                meta["config"] == to_dict(model_cfg)
+                and saved.get("train") == to_dict(train_cfg)
+                and saved.get("mil") == to_dict(mil)
+            )
+
+        start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, same)
+        best_key = tuple(saved_key) if saved_key else None
     reader = RegionReader(mil)
     t_start = time.perf_counter()
     common: dict[str, Any] = {
