@@ -1,6 +1,6 @@
 """`make demo`: the whole tool on a synthetic cohort, through the CLI a user would type.
 
-1. generate a cohort of 12 Aperio-style slides (8 to train and validate, 4 held out), malignant ones with
+1. generate a cohort of 14 Aperio-style slides (10 to train and validate, 4 held out), malignant ones with
    lesions whose masks are known;
 2. ``wsltool train --labels slides.csv`` from slide-level labels only (a few CPU minutes);
 3. ``wsltool infer`` on the held-out slides and ``wsltool export --png --geojson``;
@@ -49,7 +49,7 @@ def main() -> int:
     cohort = out / "cohort"
     if not (cohort / "slides.csv").exists():
         print(f"generating a synthetic cohort in {cohort} ...", flush=True)
-        make_cohort(cohort, {"train": (3, 3), "valid": (1, 1), "test": (2, 2)}, seed=args.seed)
+        make_cohort(cohort, {"train": (4, 4), "valid": (1, 1), "test": (2, 2)}, seed=args.seed)
     model = out / "model"
     if not (model / "best.pt").exists():
         sh(["train", "--labels", str(cohort / "slides.csv"), "--out", str(model), *TRAIN_ARGS])
@@ -69,6 +69,8 @@ def main() -> int:
                 str(store),
                 "--model",
                 str(model / "best.pt"),
+                "--overlap",
+                "96",  # 3/4 of the 128 px region: the dense heatmap setting (README, "Choices")
                 "--workers",
                 "1",
                 "--overwrite",

@@ -91,6 +91,9 @@ def test_stitching_reproduces_position_function(tmp_path: Path, ramp_slide: Path
     res = infer_slide(ramp_slide, tmp_path / "r.zarr", (PositionStub(), STUB_META), cfg)
     st = HeatmapStore.open(res.store)
     assert st.complete and st.out_mpp == 8.0 and st.slide_mpp == SLIDE_MPP
+    # the slide score's top-k covers the same tissue area at any overlap: 5 regions at stride region/2
+    k = {0: 1, 64: 2, 128: 5}[overlap]
+    assert st.result["aggregation"] == f"top-{k} mean of region class probabilities"
     got = st.mplus(0).astype(np.float64)
     want = expected_ramp(8.0, got.shape)
     # compare every output pixel lying wholly inside the slide, one pixel away from its edge
@@ -101,6 +104,14 @@ def test_stitching_reproduces_position_function(tmp_path: Path, ramp_slide: Path
     # region borders are inside the compared area: seams would show up as errors
     assert res.regions > 4 and res.computed == res.regions
     assert st.provenance["tiling"]["overlap"] == overlap
+
+
+def test_default_overlap_is_half_the_region(tmp_path: Path, ramp_slide: Path) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, out_factor=8, workers=0, chunk=32)
+    assert cfg.overlap is None
+    st = HeatmapStore.open(infer_slide(ramp_slide, tmp_path / "d.zarr", (PositionStub(), STUB_META), cfg).store)
+    assert st.provenance["tiling"]["overlap"] == 128 and st.provenance["config"]["overlap"] == 128
+    assert st.result["aggregation"].startswith("top-5 ")
 
 
 def test_geojson_contours_land_on_the_disk_in_level0_pixels(tmp_path: Path, ramp_slide: Path) -> None:

@@ -54,6 +54,12 @@ class SlideContract:
         else:
             assert np.abs(r.astype(int) - ref).mean() < 3.0
 
+    def test_reads_unchanged_with_a_tiny_tile_cache(self, slide: Slide, reference: np.ndarray) -> None:
+        before = slide.read_region(100, 60, 128, 96, mpp=self.mpp)
+        slide.limit_cache(64 << 10)  # smaller than one decoded tile: every read decodes again
+        for _ in range(2):
+            np.testing.assert_array_equal(slide.read_region(100, 60, 128, 96, mpp=self.mpp), before)
+
     def test_coarse_mpp_reads_best_level(self, slide: Slide, reference: np.ndarray) -> None:
         # exactly the mpp of the coarsest level -> that level, returned as stored
         lvl = slide.level_count - 1

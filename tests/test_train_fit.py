@@ -145,6 +145,23 @@ def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
+def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> None:
+    """A checkpoint written before ``padding``/``neg_updates`` existed keeps the behaviour it was trained with."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, method="minmax", padding="zeros", neg_updates="all")).eval()
+    p = tmp_path / "old.pt"
+    save_checkpoint(p, model, class_names=["a", "b"], mpp=0.5, input_size=64)
+    blob = torch.load(p, weights_only=True)
+    for key in ("padding", "neg_updates"):
+        del blob["meta"]["config"][key]
+    torch.save(blob, p)
+    loaded, _ = load_checkpoint(p)
+    assert loaded.cfg.padding == "zeros" and loaded.cfg.neg_updates == "all"
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.localize(x)["probs"], loaded.localize(x)["probs"])
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {_Evil.marker}",))

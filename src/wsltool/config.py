@@ -230,7 +230,10 @@ class InferConfig:
     region
         Region side in px at ``mpp``; ``None`` takes the checkpoint's input size.
     overlap
-        Overlap between regions in px at ``mpp``; overlaps are blended with a smooth window.
+        Overlap between regions in px at ``mpp``; overlaps are blended with a smooth window.  ``None``: half
+        the region (every output pixel is the blend of 4 regions' views).  Three quarters of the region (16
+        views) gives the densest heatmaps and costs 4x more; on the synthetic cohort it lifted the stitched
+        Dice from 0.57/0.76 (half) to 0.66/0.81 (README, "Choices").
     out_factor
         Output pixel = ``out_factor`` input pixels (``out_mpp = mpp * out_factor``, default 4: 4 um at 1 um/px);
         must divide both the region size and the stride so that regions land on whole output pixels.
@@ -249,7 +252,10 @@ class InferConfig:
     threshold
         M+ threshold of the binary mask.
     top_k
-        Slide score = mean of the ``top_k`` highest region probabilities of each class.
+        Slide score = mean of the ``top_k`` highest region probabilities of each class, ``top_k`` counted at
+        the density of the training validation grid (stride = half a region) and scaled with the grid's
+        density otherwise (``top_k * (region / 2 / stride) ** 2``), so that the score covers the same tissue
+        area whatever the overlap: with 3/4 overlap, top-5 becomes top-20.
     chunk
         Chunk side of the output store in output pixels (also the height of the row bands that are
         flushed as soon as final: memory grows with ``chunk x slide width``).
@@ -257,7 +263,7 @@ class InferConfig:
 
     mpp: float | None = None
     region: int | None = None
-    overlap: int = 32
+    overlap: int | None = None
     out_factor: int = 4
     batch_size: int = 8
     workers: int = 2
@@ -273,7 +279,7 @@ class InferConfig:
         _check(16 <= self.chunk <= 4096, f"InferConfig.chunk must be in [16, 4096], got {self.chunk}")
         _check(self.mpp is None or 0.05 <= self.mpp <= 100, f"InferConfig.mpp out of range: {self.mpp}")
         _check(self.region is None or self.region >= 16, f"InferConfig.region must be >= 16, got {self.region}")
-        _check(self.overlap >= 0, f"InferConfig.overlap must be >= 0, got {self.overlap}")
+        _check(self.overlap is None or self.overlap >= 0, f"InferConfig.overlap must be >= 0, got {self.overlap}")
         _check(self.out_factor >= 1, f"InferConfig.out_factor must be >= 1, got {self.out_factor}")
         _check(self.batch_size >= 1, f"InferConfig.batch_size must be >= 1, got {self.batch_size}")
         _check(self.workers >= 0, f"InferConfig.workers must be >= 0, got {self.workers}")

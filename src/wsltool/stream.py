@@ -28,6 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from wsltool.errors import SlideReadError
 from wsltool.slide import Slide, open_slide
 
+#: Tile cache per reader handle: a few regions' worth of decoded tiles (each region is read once; overlaps
+#: with the previous region reuse them), so reader memory does not grow with slide size (tools/bench/infer.py).
+STREAM_CACHE_BYTES = 8 << 20
+
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +103,7 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         # one handle per process: a handle inherited through fork is not reused
         if self._slide is None or self._pid != os.getpid():
             self._slide = open_slide(self.path, mpp=self.slide_mpp, backend=self.backend)
+            self._slide.limit_cache(STREAM_CACHE_BYTES)
             self._pid = os.getpid()
         return self._slide
 

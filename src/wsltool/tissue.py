@@ -71,6 +71,7 @@ __all__ = ["DEFAULT_MPP", "TissueMask", "detect_tissue", "tissue_mask_rgb"]
 DEFAULT_MPP = 8.0
 #: Grey level the glass is mapped to by the white balance.
 _GLASS = 240.0
+_STRIPE_PX = 1 << 20  # overview pixels per stripe of the pixel-wise pass (bounds its float working set)
 
 
 def _disk_radius(um: float, mpp: float) -> float:
@@ -152,9 +153,12 @@ def _close(mask: NDArray[np.bool_], radius: float) -> NDArray[np.bool_]:
     return np.asarray(closed[p:-p, p:-p] | mask)
 
 
-def _glass_colour(r: NDArray[np.float32], g: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float32]:
+def _glass_colour(
+    r: NDArray[np.float32], g: NDArray[np.float32], b: NDArray[np.float32], k: int | None = None
+) -> NDArray[np.float32]:
     """Median colour of bright neutral pixels (the glass); white when there are too few of them."""
-    k = max(1, math.isqrt(r.size // 250_000))  # a regular subsample of ~250k pixels is plenty
+    if k is None:
+        k = max(1, math.isqrt(r.size // 250_000))  # a regular subsample of ~250k pixels is plenty
     r, g, b = r[::k, ::k], g[::k, ::k], b[::k, ::k]
     vmax = np.maximum(np.maximum(r, g), b)
     sel = (vmax - np.minimum(np.minimum(r, g), b) < 10) & (vmax > 150)
@@ -252,25 +256,54 @@ def tissue_mask_rgb(
         raise DataError(msg)
     scale = 255.0 if arr.dtype != np.uint8 and float(arr[..., :3].max()) <= 1.0 else 1.0
     sigma = max(1.0, smooth_um / res)
-    # channel planes (reductions over a length-3 last axis are slow in numpy)
-    r, g, b = (
-        ndi.gaussian_filter(arr[..., c].astype(np.float32) * np.float32(scale), sigma, mode="nearest", truncate=2.5)
-        for c in range(3)
-    )
+    # Pixel-wise work runs in row stripes (with a halo for the smoothing), so the float working set is a
+    # few stripes rather than ~50 bytes per overview pixel; only 10 bytes per pixel are kept whole-image.
+    # Results are identical to a whole-image pass: the halo covers the Gaussian's support.
+    h_img, w_img = arr.shape[:2]
+    halo = int(2.5 * sigma + 0.5) + 1
+    step = max(64, _STRIPE_PX // max(1, w_img))
 
-    # 1. white balance on the glass colour
-    glass = _glass_colour(r, g, b)
+    def smoothed(y0: int, y1: int) -> tuple[NDArray[np.float32], ...]:
+        a0, a1 = max(0, y0 - halo), min(h_img, y1 + halo)
+        planes = []
+        for c in range(3):
+            ch = arr[a0:a1, :, c].astype(np.float32) * np.float32(scale)
+            ch = ndi.gaussian_filter(ch, sigma, mode="nearest", truncate=2.5)
+            planes.append(np.ascontiguousarray(ch[y0 - a0 : y0 - a0 + (y1 - y0)]))
+        return tuple(planes)
+
+    # 1. white balance on the glass colour (a regular subsample of the smoothed image)
+    k = max(1, math.isqrt((h_img * w_img) // 250_000))
+    sub = [np.empty(((h_img + k - 1) // k, (w_img + k - 1) // k), np.float32) for _ in range(3)]
+    for y0 in range(0, h_img, step):
+        y1 = min(h_img, y0 + step)
+        first = -(-y0 // k) * k  # first subsampled row in this stripe
+        if first >= y1:
+            continue
+        for dst, ch in zip(sub, smoothed(y0, y1), strict=True):
+            dst[first // k : (y1 - 1) // k + 1] = ch[first - y0 :: k, ::k]
+    glass = _glass_colour(sub[0], sub[1], sub[2], k=1)
+    del sub
     gain = np.clip(_GLASS / np.maximum(glass, 1.0), 0.7, 1.6).astype(np.float32)
-    for ch, k in zip((r, g, b), gain, strict=True):
-        ch *= k
-        np.minimum(ch, np.float32(255.0), out=ch)
 
-    # 2. colour features
-    vmax = np.maximum(np.maximum(r, g), b)
-    vmin = np.minimum(np.minimum(r, g), b)
-    chroma = vmax - vmin
-    sat = chroma / np.maximum(vmax, np.float32(1.0))
-    dark = (vmax < dark_value) | ((vmax < black_value) & (sat < black_saturation))
+    # 2. colour features, stripe by stripe
+    chroma = np.empty((h_img, w_img), np.float32)
+    hue = np.empty((h_img, w_img), np.float32)  # HSV hue; used only where the pixel turns out chromatic
+    dark = np.empty((h_img, w_img), bool)
+    saturated = np.empty((h_img, w_img), bool)
+    for y0 in range(0, h_img, step):
+        y1 = min(h_img, y0 + step)
+        r, g, b = smoothed(y0, y1)
+        for ch, gk in zip((r, g, b), gain, strict=True):
+            ch *= gk
+            np.minimum(ch, np.float32(255.0), out=ch)
+        vmax = np.maximum(np.maximum(r, g), b)
+        c = vmax - np.minimum(np.minimum(r, g), b)
+        sat = c / np.maximum(vmax, np.float32(1.0))
+        chroma[y0:y1] = c
+        dark[y0:y1] = (vmax < dark_value) | ((vmax < black_value) & (sat < black_saturation))
+        saturated[y0:y1] = sat >= ink_blend_saturation
+        hue[y0:y1] = _hue_degrees(r, g, b, vmax, c)
 
     # 3. chromatic threshold (Otsu on the chroma of non-dark pixels, clamped)
     if chroma_threshold is None:
@@ -279,8 +312,8 @@ def tissue_mask_rgb(
     else:
         thr = float(chroma_threshold)
     chromatic = chroma >= thr
-    hue = np.zeros(chroma.shape, np.float32)  # only needed (and computed) where the pixel is chromatic
-    hue[chromatic] = _hue_degrees(r[chromatic], g[chromatic], b[chromatic], vmax[chromatic], chroma[chromatic])
+    del chroma
+    hue[~chromatic] = 0.0
     ink_hue = (hue >= ink_hue_range[0]) & (hue < ink_hue_range[1])
 
     # 4. artefacts: coloured ink and black (ink, borders, slide edges)
@@ -289,11 +322,11 @@ def tissue_mask_rgb(
         artefact = _drop_small((chromatic & ink_hue) | dark, min_px)
         # ink over pink tissue (or a dark border with a colour cast) is blue-purple, like dense
         # haematoxylin: such pixels are artefact only when connected to ink or black
-        weak = chromatic & (hue >= ink_hue_range[0]) & (hue < ink_blend_hue) & (sat >= ink_blend_saturation)
+        weak = chromatic & (hue >= ink_hue_range[0]) & (hue < ink_blend_hue) & saturated
         artefact = _reconstruct(artefact, weak)
         artefact = _dilate(artefact, _disk_radius(artefact_margin_um, res))
     else:
-        artefact = np.zeros(chroma.shape, bool)
+        artefact = np.zeros(chromatic.shape, bool)
 
     # 5. tissue
     mask = chromatic & ~artefact

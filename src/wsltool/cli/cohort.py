@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     q.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
     q.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
     q.add_argument(
-        "--overlap", type=int, default=d.overlap, help=f"overlap between regions in px (default {d.overlap})"
+        "--overlap", type=int, default=d.overlap, help="overlap between regions in px (default: half the region)"
     )
     q.add_argument(
         "--out-factor", type=int, default=d.out_factor, help=f"output pixel = N input pixels (default {d.out_factor})"

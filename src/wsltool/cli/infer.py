@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--mpp", type=float, default=None, help="input resolution (default: the checkpoint's)")
     p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's level-0 mpp")
     p.add_argument("--region", type=int, default=None, help="region size in px (default: the checkpoint's)")
-    p.add_argument("--overlap", type=int, default=32, help="overlap between regions in px (default 32)")
+    p.add_argument("--overlap", type=int, default=None, help="overlap between regions in px (default: half the region)")
     p.add_argument("--out-factor", type=int, default=4, help="output pixel = N input pixels (default 4)")
     p.add_argument("--batch", type=int, default=8, help="regions per batch (default 8)")
     p.add_argument("--workers", type=int, default=2, help="reader processes (default 2)")

@@ -198,7 +198,7 @@ def infer_slide(
     from wsltool.infer.stitch import Stitcher
     from wsltool.slide import open_slide
     from wsltool.store import HeatmapStore
-    from wsltool.stream import RegionStream, make_loader
+    from wsltool.stream import STREAM_CACHE_BYTES, RegionStream, make_loader
     from wsltool.tiling import Grid
     from wsltool.tissue import detect_tissue
 
@@ -208,6 +208,7 @@ def infer_slide(
     slide_path, out_path = Path(slide_path), Path(out_path)
 
     slide = open_slide(slide_path, mpp=slide_mpp)
+    slide.limit_cache(STREAM_CACHE_BYTES)  # this handle reads the tissue overview once
     try:
         base_mpp = slide.mpp  # MppError when absent
         device = resolve_device(cfg.device)
@@ -226,11 +227,12 @@ def infer_slide(
                 "the model's pooling was trained on that context; omit --region"
             )
             raise CheckpointError(msg)
-        if cfg.overlap >= region:
-            msg = f"overlap {cfg.overlap} must be smaller than the region size {region}"
+        overlap = region // 2 if cfg.overlap is None else cfg.overlap
+        if overlap >= region:
+            msg = f"overlap {overlap} must be smaller than the region size {region}"
             raise ConfigError(msg)
         f = cfg.out_factor
-        stride = region - cfg.overlap
+        stride = region - overlap
         if region % f or stride % f:
             msg = (
                 f"out_factor {f} must divide the region size {region} and the stride {stride} "
@@ -238,8 +240,11 @@ def infer_slide(
             )
             raise ConfigError(msg)
         out_mpp = mpp * f
+        # top_k counts regions at the validation grid's density (stride = half a region); denser grids see each
+        # spot in more regions, so k grows with them and the slide score covers the same tissue area
+        top_k = max(1, round(cfg.top_k * (region / 2 / stride) ** 2))
         tiling = TilingConfig(
-            mpp=mpp, region=region, overlap=cfg.overlap, min_tissue=cfg.min_tissue, tissue_mpp=cfg.tissue_mpp
+            mpp=mpp, region=region, overlap=overlap, min_tissue=cfg.min_tissue, tissue_mpp=cfg.tissue_mpp
         )
         provenance = {
             "wsltool_version": __version__,
@@ -259,8 +264,8 @@ def infer_slide(
                 "method": meta.get("method"),
                 "class_names": class_names,
             },
-            "config": to_dict(dataclasses.replace(cfg, mpp=mpp, region=region)),
-            "aggregation": f"top-{cfg.top_k} mean of region class probabilities",
+            "config": to_dict(dataclasses.replace(cfg, mpp=mpp, region=region, overlap=overlap)),
+            "aggregation": f"top-{top_k} mean of region class probabilities",
         }
         # output checks before any heavy work
         t0 = time.perf_counter()
@@ -295,7 +300,7 @@ def infer_slide(
                 seconds=time.perf_counter() - t_start,
                 timings=timings,
             )
-        stitcher = Stitcher(store, boxes, overlap=cfg.overlap // f, resume=resume)
+        stitcher = Stitcher(store, boxes, overlap=overlap // f, resume=resume)
         pending = np.asarray(stitcher.pending_indices(), dtype=np.int64)
         probs_arr = store.region_table(len(grid), len(class_names))
         n_total, n_todo = len(grid), int(pending.size)
@@ -346,7 +351,7 @@ def infer_slide(
         timings["regions"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         region_probs = probs_arr[:] if n_total else np.zeros((0, len(class_names)))
-        slide_probs = topk_mean(region_probs, cfg.top_k)
+        slide_probs = topk_mean(region_probs, top_k)
         pred = class_names[int(np.argmax(slide_probs))]
         tissue_mm2 = float(tissue.area_mm2)
         result = {

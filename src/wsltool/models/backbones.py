@@ -120,20 +120,20 @@ _LITE0_STAGES = (
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with an optional output stride of 16 (last stride-2 stage dilated instead).
+    """EfficientNet-Lite0 with an optional output stride of 16 or 8 (the last stride-2 stages dilated instead).
 
     Parameters
     ----------
     output_stride
-        32 (as published) or 16.
+        32 (as published), 16 or 8.
     num_classes
         Size of the ImageNet classifier ``_fc``; 0 drops it (feature extractor only).
     """
 
     def __init__(self, output_stride: int = 32, num_classes: int = 1000) -> None:
         super().__init__()
-        if output_stride not in (16, 32):
-            msg = f"efficientnet_lite0: output_stride must be 16 or 32, got {output_stride}"
+        if output_stride not in (8, 16, 32):
+            msg = f"efficientnet_lite0: output_stride must be 8, 16 or 32, got {output_stride}"
             raise ConfigError(msg)
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)

@@ -235,6 +235,14 @@ class Slide(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the file handle."""
 
+    def limit_cache(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Cap the decoded-tile cache of this handle (backends without a cache ignore it).
+
+        Streaming readers visit each tile about once, so a cache of a few regions' tiles is enough;
+        OpenSlide's default (32 MiB per process) otherwise fills up on large slides and makes memory grow
+        with slide size.
+        """
+
     def __enter__(self) -> Slide:
         return self
 

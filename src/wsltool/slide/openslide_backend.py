@@ -58,6 +58,12 @@ class OpenSlideSlide(Slide):
         super().__init__(path, meta, mpp)
         self._probe()
 
+    def limit_cache(self, nbytes: int) -> None:
+        """Give this handle its own OpenSlide tile cache of ``nbytes`` (instead of the shared 32 MiB one)."""
+        import openslide
+
+        self._osr.set_cache(openslide.OpenSlideCache(int(nbytes)))
+
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 

@@ -26,6 +26,11 @@ from wsltool.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
+#: ModelConfig fields added after checkpoints were first written, with the behaviour the model had before the
+#: field existed.  A checkpoint that lacks a field was trained that way; filling it with today's default would
+#: silently change the network it loads (new fields change defaults; old checkpoints must not).
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"neg_updates": "all", "padding": "zeros"}
+
 FORMAT = "wsltool-checkpoint"
 FORMAT_VERSION = 1
 
@@ -177,7 +182,7 @@ def load_checkpoint(
         msg = f"{path}: checkpoint lacks meta or state_dict"
         raise CheckpointError(msg)
     try:
-        cfg = from_dict(ModelConfig, {**meta["config"], "pretrained": "none"}, source=str(path))
+        cfg = from_dict(ModelConfig, {**LEGACY_MODEL_FIELDS, **meta["config"], "pretrained": "none"}, source=str(path))
     except (ConfigError, KeyError, TypeError) as exc:
         msg = f"{path}: invalid model configuration ({exc})"
         raise CheckpointError(msg) from exc

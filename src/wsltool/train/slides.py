@@ -54,7 +54,7 @@ SLIDE_MODEL_DEFAULTS: dict[str, Any] = {
     "padding": "zeros",
 }
 #: Optimisation settings of slide-level training (a short constant-rate schedule, no warm-up).
-SLIDE_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 8, "schedule": "constant", "warmup_epochs": 0}
+SLIDE_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 20, "schedule": "constant", "warmup_epochs": 0}
 
 
 @dataclass
