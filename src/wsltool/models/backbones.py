@@ -74,7 +74,11 @@ class SameConv2d(nn.Conv2d):
     pad_mode: str = "constant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = _same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0], self.pad_mode)
+        k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+        if s == 1 and self.pad_mode == "constant":
+            # stride 1, odd kernel: "SAME" is symmetric, so the convolution pads itself (no padded copy)
+            return F.conv2d(x, self.weight, self.bias, 1, (k - 1) * d // 2, self.dilation, self.groups)
+        x = _same_pad(x, k, s, d, self.pad_mode)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
