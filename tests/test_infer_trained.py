@@ -1,8 +1,10 @@
 """A real model, briefly trained from slide labels (fixed seed), localizes a lesion on an unseen slide.
 
-Issue 5 asks for Dice >= 0.7 here; a ~1-minute CPU training reaches Dice ~0.45 (pixel AUC ~0.77), so this
-test asserts the localization signal that exists today (pixel AUC and mask precision well above chance)
-and prints the Dice. The gap is the method's per-region min-max normalisation (see README, Limitations).
+Four small generated slides, 20 epochs (about a minute on 2 CPU cores), then inference on an unseen slide
+whose lesions cover 25-30% of its tissue.  Measured here (deterministic on this machine): Dice 0.735 at 1/4
+overlap, pixel AUC 0.905; 14 epochs gave 0.71, 6 epochs 0.45.  Large lesions are the hard case for the
+method's per-region min-max normalisation (a region lying wholly inside a lesion still spans [0, 1]), and
+denser overlap does not help them (Dice 0.63 at 1/2, 0.67 at 3/4), unlike small lesions: see README.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def test_short_trained_model_finds_the_lesion(tmp_path: Path) -> None:
         [],
         ["benign", "malignant"],
         ModelConfig(**SLIDE_MODEL_DEFAULTS),
-        TrainConfig(epochs=6, batch_size=8, schedule="constant", warmup_epochs=0, seed=0),
+        TrainConfig(epochs=20, batch_size=8, schedule="constant", warmup_epochs=0, seed=0),
         mil,
         tmp_path / "m",
         progress=False,
@@ -56,8 +58,6 @@ def test_short_trained_model_finds_the_lesion(tmp_path: Path) -> None:
     pixel_auc = roc_auc(gt[tissue], st.mplus(0)[tissue])
     dice = 2 * (m & gt).sum() / (m.sum() + gt.sum())
     print(f"dice {dice:.3f} pixel AUC {pixel_auc:.3f} precision {precision:.3f} prevalence {prevalence:.3f}")
-    # measured in two environments: pixel AUC 0.77 / 0.76, precision 0.57 / 0.86 (prevalence 0.26), Dice
-    # 0.45 / 0.17: the ranking is stable, the mask extent is not (per-region normalisation), so Dice is
-    # recorded, not asserted
-    assert pixel_auc >= 0.7, pixel_auc
+    assert dice >= 0.7, dice
+    assert pixel_auc >= 0.85, pixel_auc
     assert precision >= 1.5 * prevalence, (precision, prevalence)
