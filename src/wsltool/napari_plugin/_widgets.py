@@ -93,7 +93,7 @@ class LocalizeWidget(Container):
         self.slide_mpp = FloatSpinBox(label="slide mpp (0 = file)", value=0.0, min=0.0, max=20.0, step=0.01)
         self.mpp = FloatSpinBox(label="input mpp (0 = model)", value=0.0, min=0.0, max=20.0, step=0.05)
         self.region = SpinBox(label="region px (0 = model)", value=0, min=0, max=4096, step=16)
-        self.overlap = SpinBox(label="overlap px", value=64, min=0, max=1024, step=8)
+        self.overlap = SpinBox(label="overlap px (-1 = half the region)", value=-1, min=-1, max=2048, step=8)
         self.out = FileEdit(label="output store", mode=FileDialogMode.EXISTING_DIRECTORY)
         self.run_btn = PushButton(text="Localize")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
@@ -185,7 +185,8 @@ class LocalizeWidget(Container):
             layer.scale = (mpp, mpp)
             layer.units = ("micrometer", "micrometer")
             info["mpp_override"] = mpp
-        cfg: dict[str, Any] = {"overlap": int(self.overlap.value), **self.config}
+        overlap = int(self.overlap.value)
+        cfg: dict[str, Any] = {"overlap": overlap if overlap >= 0 else None, **self.config}
         if self.mpp.value:
             cfg["mpp"] = float(self.mpp.value)
         if self.region.value:
