@@ -292,3 +292,34 @@ def test_localize_under_autocast_returns_float32() -> None:
     assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, torch.float32)
     assert out["mplus"].shape == (2, 10, 12)
     assert float(out["mplus"].min()) >= 0 and float(out["mplus"].max()) <= 1
+
+
+@pytest.mark.parametrize(
+    ("backbone", "pretrained"), [("efficientnet_lite0", "imagenet"), ("resnet18", "none"), ("tiny", "none")]
+)
+def test_batchnorm_folding_keeps_outputs(backbone: str, pretrained: str) -> None:
+    from wsltool.models.fuse import fuse_batchnorm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, pretrained=pretrained, output_stride=16, method="minmax")
+    model = build_model(cfg)
+    # non-trivial running statistics, as after training (the ImageNet weights come with their own)
+    for m in model.modules():
+        if pretrained == "none" and isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randint(0, 255, (2, 3, 96, 128), dtype=torch.uint8)
+    with torch.inference_mode():
+        before = model.localize(x, size=(24, 32))
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(build_model(cfg).train())
+    assert fuse_batchnorm(model) == n_bn > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.inference_mode():
+        after = model.localize(x, size=(24, 32))
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-3, atol=1e-4)

@@ -125,8 +125,12 @@ def m_model(sl: str, ck: str, cfg: dict) -> dict:
     from wsltool.train.checkpoint import load_checkpoint
 
     grid, c = _grid(sl, ck, cfg)
+    from wsltool.models.fuse import fuse_batchnorm
+
     net, _ = load_checkpoint(ck)
-    net = net.eval().to(memory_format=torch.channels_last)
+    net = net.eval()
+    fuse_batchnorm(net)  # the model exactly as infer_slide runs it
+    net = net.to(memory_format=torch.channels_last)
     r = c.region or 256
     x = torch.randint(0, 255, (c.batch_size, 3, r, r), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     n, size = len(grid), (r // c.out_factor, r // c.out_factor)
@@ -145,8 +149,11 @@ def m_naive(sl: str, ck: str, cfg: dict) -> dict:
     from wsltool.train.checkpoint import load_checkpoint
 
     grid, c = _grid(sl, ck, cfg)
+    from wsltool.models.fuse import fuse_batchnorm
+
     net, _ = load_checkpoint(ck)
     net.eval()
+    fuse_batchnorm(net)  # same model as infer_slide: the comparison is about the pipeline
     r = c.region or 256
     with TreeRSS(interval=0.1) as rss, timer() as t:
         osr = openslide.OpenSlide(sl)

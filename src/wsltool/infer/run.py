@@ -96,7 +96,11 @@ def resolve_device(name: str) -> Any:
 
 def _load_model(model: Any, device: Any) -> tuple[Any, dict[str, Any]]:
     """A checkpoint path or an in-memory ``(module, meta)`` pair -> model on ``device`` + meta."""
+    import copy
+
     import torch
+
+    from wsltool.models.fuse import fuse_batchnorm
 
     if isinstance(model, str | Path):
         from wsltool.train.checkpoint import load_checkpoint
@@ -104,11 +108,15 @@ def _load_model(model: Any, device: Any) -> tuple[Any, dict[str, Any]]:
         net, meta = load_checkpoint(model, map_location="cpu")
     else:
         net, meta = model
+        if isinstance(net, torch.nn.Module):
+            net = copy.deepcopy(net)  # the caller's module keeps its mode and its BatchNorm layers
     if not hasattr(net, "localize"):
         msg = "model has no localize() method"
         raise CheckpointError(msg)
-    net = net.to(device).eval()
-    net = net.to(memory_format=torch.channels_last)
+    net = net.eval()
+    if isinstance(net, torch.nn.Module):
+        fuse_batchnorm(net)  # inference only: BatchNorm folded into the convolutions (same outputs)
+    net = net.to(device).to(memory_format=torch.channels_last)
     return net, dict(meta)
 
 
