@@ -30,14 +30,13 @@ _PAIRS = (
 )
 
 
-def _foldable(conv: object, bn: object) -> bool:
-    return (
-        isinstance(conv, nn.Conv2d)
-        and isinstance(bn, nn.BatchNorm2d)
-        and bn.track_running_stats
-        and bn.running_mean is not None
-        and conv.out_channels == bn.num_features
-    )
+def _fold(conv: object, bn: object) -> nn.Conv2d | None:
+    """The fused convolution when ``conv`` -> ``bn`` can be folded, else None."""
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        return None
+    if not bn.track_running_stats or bn.running_mean is None or conv.out_channels != bn.num_features:
+        return None
+    return fuse_conv_bn_eval(conv, bn)
 
 
 def fuse_batchnorm(model: nn.Module) -> int:
@@ -68,17 +67,17 @@ def fuse_batchnorm(model: nn.Module) -> int:
     n = 0
     for module in list(model.modules()):
         for conv_name, bn_name in _PAIRS:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if _foldable(conv, bn):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))  # type: ignore[arg-type]
+            fused = _fold(getattr(module, conv_name, None), getattr(module, bn_name, None))
+            if fused is not None:
+                setattr(module, conv_name, fused)
                 setattr(module, bn_name, nn.Identity())
                 n += 1
         if isinstance(module, nn.Sequential):
             names = list(module._modules)
             for a, b in itertools.pairwise(names):
-                conv, bn = module._modules[a], module._modules[b]
-                if _foldable(conv, bn):
-                    module._modules[a] = fuse_conv_bn_eval(conv, bn)  # type: ignore[arg-type]
+                fused = _fold(module._modules[a], module._modules[b])
+                if fused is not None:
+                    module._modules[a] = fused
                     module._modules[b] = nn.Identity()
                     n += 1
     log.debug("folded %d BatchNorm layers into their convolutions", n)
