@@ -70,7 +70,7 @@ def main() -> int:
                 "--model",
                 str(model / "best.pt"),
                 "--overlap",
-                "96",  # 3/4 of the 128 px region: the dense heatmap setting (README, "Choices")
+                "96",  # 3/4 of the 128 px region: the dense heatmap setting (README, "Training from slide labels")
                 "--workers",
                 "1",
                 "--overwrite",

@@ -233,7 +233,7 @@ class InferConfig:
         Overlap between regions in px at ``mpp``; overlaps are blended with a smooth window.  ``None``: half
         the region (every output pixel is the blend of 4 regions' views).  Three quarters of the region (16
         views) gives the densest heatmaps and costs 4x more; on the synthetic cohort it lifted the stitched
-        Dice from 0.57/0.76 (half) to 0.66/0.81 (README, "Choices").
+        Dice from 0.57/0.76 (half) to 0.66/0.81 (README, "Training from slide labels").
     out_factor
         Output pixel = ``out_factor`` input pixels (``out_mpp = mpp * out_factor``, default 4: 4 um at 1 um/px);
         must divide both the region size and the stride so that regions land on whole output pixels.
