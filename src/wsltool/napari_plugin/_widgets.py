@@ -72,7 +72,25 @@ def _partial_path(store: Path) -> Path:
     return store.with_name(f".{store.name}{PARTIAL_SUFFIX}")
 
 
-class LocalizeWidget(Container):
+class _JobHost:
+    """What both widgets share: a worker-process job polled by a Qt timer, ended with the dock."""
+
+    job: ProcessJob | None
+    _timer: QTimer
+
+    def _on_destroyed(self, _obj: Any = None) -> None:
+        """The dock was closed: stop polling and end a running job (it must not outlive the viewer)."""
+        self._timer.stop()
+        if self.job is not None and not self.job.finished:
+            self.job.kill()
+
+    @property
+    def running(self) -> bool:
+        """Whether a job is running."""
+        return self.job is not None and not self.job.finished
+
+
+class LocalizeWidget(_JobHost, Container):
     """Run the localizer on an open slide; the heatmap grows on the slide as regions finish.
 
     Parameters
@@ -142,17 +160,6 @@ class LocalizeWidget(Container):
             self.slide.reset_choices()
         except RuntimeError:  # the Qt widget is gone (viewer closed)
             pass
-
-    def _on_destroyed(self, _obj: Any = None) -> None:
-        """The dock was closed: stop polling and end a running job (it must not outlive the viewer)."""
-        self._timer.stop()
-        if self.job is not None and not self.job.finished:
-            self.job.kill()
-
-    @property
-    def running(self) -> bool:
-        """Whether a job is running."""
-        return self.job is not None and not self.job.finished
 
     # -- actions ---------------------------------------------------------------------------------
     def start(self, _v: Any = None) -> None:
@@ -349,7 +356,7 @@ class LocalizeWidget(Container):
         _notify(f"Exported {n} contour(s) to {base}.geojson and a preview to {base}.png", "info")
 
 
-class RetrainWidget(Container):
+class RetrainWidget(_JobHost, Container):
     """Train (or fine-tune) a localizer from slide-level labels set in a table.
 
     Parameters
@@ -420,17 +427,6 @@ class RetrainWidget(Container):
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._poll)
         self.native.destroyed.connect(self._on_destroyed)
-
-    def _on_destroyed(self, _obj: Any = None) -> None:
-        """The dock was closed: stop polling and end a running job (it must not outlive the viewer)."""
-        self._timer.stop()
-        if self.job is not None and not self.job.finished:
-            self.job.kill()
-
-    @property
-    def running(self) -> bool:
-        """Whether a job is running."""
-        return self.job is not None and not self.job.finished
 
     def rows(self) -> list[tuple[str, str]]:
         """The table as ``(path, label)`` pairs (rows with an empty path or label are left out)."""
