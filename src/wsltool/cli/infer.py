@@ -30,7 +30,13 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     p.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
-    p.add_argument("--top-k", type=int, default=5, help="slide score = mean of the top-k regions (default 5)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        help="slide score = mean of the top-k regions, k counted at half-region overlap and scaled with the "
+        "grid's density (default 5)",
+    )
     p.add_argument("--chunk", type=int, default=512, help="store chunk side in output px (default 512)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace a finished store")
