@@ -126,12 +126,18 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         mpp=args.mpp,
     )
-    best = next((h for h in res.history if h["epoch"] == res.best_epoch), {})
     print(f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, {res.seconds:.0f} s")
-    ve = best.get("valid_error")
-    print(f"best: {res.best} (epoch {res.best_epoch + 1}" + (f", valid error {ve:.1f}%)" if ve is not None else ")"))
+    print(_best_line(res, "valid_error", "valid error {:.1f}%"))
     print(f"last: {res.last}")
     return 0
+
+
+def _best_line(res: Any, key: str, fmt: str) -> str:
+    """``best: PATH (epoch N, <metric>)`` for a fit result; the metric is left out when it was not measured."""
+    best: dict[str, Any] = next((h for h in res.history if h["epoch"] == res.best_epoch), {})
+    value = best.get(key)
+    metric = f", {fmt.format(value)}" if value is not None else ""
+    return f"best: {res.best} (epoch {res.best_epoch + 1}{metric})"
 
 
 def _has_slides(items: list[Any]) -> bool:
@@ -178,9 +184,7 @@ def _run_slides(
         device=args.device,
         progress=not args.no_progress,
     )
-    best = next((h for h in res.history if h["epoch"] == res.best_epoch), {})
     print(f"trained from {len(items)} slide labels, classes {', '.join(classes)}, {res.seconds:.0f} s")
-    auc = best.get("valid_auc")
-    print(f"best: {res.best} (epoch {res.best_epoch + 1}" + (f", slide AUC {auc:.3f})" if auc is not None else ")"))
+    print(_best_line(res, "valid_auc", "slide AUC {:.3f}"))
     print(f"last: {res.last}; log: {Path(args.out) / 'history.csv'}, {Path(args.out) / 'curves.png'}")
     return 0
