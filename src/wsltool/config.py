@@ -538,6 +538,14 @@ class TrainConfig:
         _check(self.eval_every >= 1, f"TrainConfig.eval_every must be >= 1, got {self.eval_every}")
 
 
+def half_region_overlap(region: int) -> int:
+    """The grid overlap of slide training/validation and the default of inference: half the region.
+
+    The slide score's top-k (``InferConfig.top_k``) is counted at this density, so both sides must agree.
+    """
+    return region // 2
+
+
 #: The 2019 paper settings (min-max entropy, arXiv 1907.12934 and its public code) as a ModelConfig preset.
 PAPER_2019 = {
     "padding": "zeros",

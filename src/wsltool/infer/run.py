@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from wsltool import __version__
-from wsltool.config import InferConfig, TilingConfig, to_dict
+from wsltool.config import InferConfig, TilingConfig, half_region_overlap, to_dict
 from wsltool.errors import CheckpointError, ConfigError, WslError
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def infer_slide(
                 "the model's pooling was trained on that context; omit --region"
             )
             raise CheckpointError(msg)
-        overlap = region // 2 if cfg.overlap is None else cfg.overlap
+        overlap = half_region_overlap(region) if cfg.overlap is None else cfg.overlap
         if overlap >= region:
             msg = f"overlap {overlap} must be smaller than the region size {region}"
             raise ConfigError(msg)
@@ -250,7 +250,7 @@ def infer_slide(
         out_mpp = mpp * f
         # top_k counts regions at the validation grid's density (stride = half a region); denser grids see each
         # spot in more regions, so k grows with them and the slide score covers the same tissue area
-        top_k = max(1, round(cfg.top_k * (region / 2 / stride) ** 2))
+        top_k = max(1, round(cfg.top_k * ((region - half_region_overlap(region)) / stride) ** 2))
         tiling = TilingConfig(
             mpp=mpp, region=region, overlap=overlap, min_tissue=cfg.min_tissue, tissue_mpp=cfg.tissue_mpp
         )

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsltool.config import MilConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
+from wsltool.config import MilConfig, ModelConfig, TilingConfig, TrainConfig, half_region_overlap, to_dict
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
 from wsltool.models import build_model
 from wsltool.train.checkpoint import read_checkpoint, resume_training, save_checkpoint
@@ -99,7 +99,9 @@ def prepare_sources(items: Sequence[LabeledItem], class_names: Sequence[str], mi
 
     problems: list[str] = []
     out: list[Source] = []
-    tiling = TilingConfig(mpp=mil.mpp, region=mil.region, overlap=mil.region // 2, min_tissue=mil.min_tissue)
+    tiling = TilingConfig(
+        mpp=mil.mpp, region=mil.region, overlap=half_region_overlap(mil.region), min_tissue=mil.min_tissue
+    )
     for it in items:
         y = list(class_names).index(it.label)
         mpp_txt = it.extra.get("mpp", "")
