@@ -221,13 +221,14 @@ def test_bn_modes() -> None:
 
 
 def test_backbone_strides() -> None:
-    for name, stride, ch in (
-        ("resnet18", 16, 512),
-        ("resnet18", 32, 512),
-        ("efficientnet_lite0", 16, 1280),
-        ("efficientnet_lite0", 32, 1280),
+    for name, stride, ch, head in (
+        ("resnet18", 16, 512, False),
+        ("resnet18", 32, 512, True),  # no head convolution: ignored
+        ("efficientnet_lite0", 16, 320, False),
+        ("efficientnet_lite0", 32, 320, False),
+        ("efficientnet_lite0", 16, 1280, True),
     ):
-        net, info = build_backbone(name, "none", stride)
+        net, info = build_backbone(name, "none", stride, head_conv=head)
         with torch.no_grad():
             f = net.eval()(torch.zeros(1, 3, 64, 96))
         assert f.shape == (1, ch, 64 // stride, 96 // stride)
@@ -236,6 +237,20 @@ def test_backbone_strides() -> None:
         build_backbone("resnet18", "imagenet")
     with pytest.raises(ConfigError):
         build_backbone("nope")
+
+
+def test_lite0_features_without_head_conv_are_the_last_block_of_the_imagenet_network() -> None:
+    from wsltool.models.backbones import efficientnet_lite0
+
+    x = torch.rand(1, 3, 64, 64)
+    full = efficientnet_lite0("imagenet", output_stride=16).eval()
+    blocks, _ = build_backbone("efficientnet_lite0", "imagenet", 16)
+    head, _ = build_backbone("efficientnet_lite0", "imagenet", 16, head_conv=True)
+    assert not any(k.startswith(("net._conv_head", "net._bn1")) for k in blocks.state_dict())
+    assert any(k.startswith("net._conv_head") for k in head.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(blocks.eval()(x), full.block_features(x))
+        torch.testing.assert_close(head.eval()(x), full.features(x))
 
 
 def test_efficientnet_lite0_imagenet_predictions_on_real_photos() -> None:

@@ -162,6 +162,23 @@ def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> Non
         torch.testing.assert_close(model.localize(x)["probs"], loaded.localize(x)["probs"])
 
 
+def test_lite0_checkpoint_from_before_head_conv_existed_keeps_its_head_convolution(tmp_path: Path) -> None:
+    """Lite0 checkpoints written before ``head_conv`` existed were trained on the 1280-channel head features."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="efficientnet_lite0", pretrained="none", head_conv=True, output_stride=32)
+    model = build_model(cfg).eval()
+    p = tmp_path / "old.pt"
+    save_checkpoint(p, model, class_names=["a", "b"], mpp=0.5, input_size=64)
+    blob = torch.load(p, weights_only=True)
+    del blob["meta"]["config"]["head_conv"]
+    torch.save(blob, p)
+    loaded, _ = load_checkpoint(p)
+    assert loaded.cfg.head_conv and loaded.channels == 1280
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.localize(x)["mplus"], loaded.localize(x)["mplus"])
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {_Evil.marker}",))

@@ -364,6 +364,10 @@ class ModelConfig:
         ``"imagenet"`` (shipped weights, efficientnet_lite0 only), ``"none"`` or a state_dict file path.
     output_stride
         Backbone output stride: 16 or 32 (8 for the ``tiny`` test backbone).
+    head_conv
+        ``efficientnet_lite0``: take features after its 1280-channel ImageNet head convolution (True) or from
+        the last MBConv block, 320 channels (False, default: those features locate glands, see README);
+        ignored by other backbones.
     num_classes
         Number of image classes.
     modalities, kmax, kmin, alpha, head_dropout
@@ -402,6 +406,7 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: str = "imagenet"
     output_stride: int = 16
+    head_conv: bool = False
     num_classes: int = 2
     modalities: int = 5
     kmax: float = 0.3

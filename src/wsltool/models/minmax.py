@@ -82,7 +82,7 @@ class _Base(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone, info = build_backbone(cfg.backbone, cfg.pretrained, cfg.output_stride)
+        self.backbone, info = build_backbone(cfg.backbone, cfg.pretrained, cfg.output_stride, cfg.head_conv)
         if cfg.padding != "zeros":
             set_padding_mode(self.backbone, cfg.padding)
         self.channels = info.channels
