@@ -233,10 +233,45 @@ def test_backbone_strides() -> None:
             f = net.eval()(torch.zeros(1, 3, 64, 96))
         assert f.shape == (1, ch, 64 // stride, 96 // stride)
         assert info.channels == ch
+    for name, stride, ch in (
+        ("resnet18", 16, 256 + 512),
+        ("resnet18", 32, 256 + 512),
+        ("efficientnet_lite0", 16, 112 + 320),
+        ("efficientnet_lite0", 32, 112 + 320),
+    ):
+        net, info = build_backbone(name, "none", stride, multi_level=True)
+        with torch.no_grad():
+            f = net.eval()(torch.zeros(1, 3, 64, 96))
+        assert f.shape == (1, ch, 64 // stride, 96 // stride)
+        assert info.channels == ch
     with pytest.raises(ConfigError):
         build_backbone("resnet18", "imagenet")
     with pytest.raises(ConfigError):
         build_backbone("nope")
+    with pytest.raises(ConfigError, match="multi_level"):
+        build_backbone("tiny", "none", 8, multi_level=True)
+
+
+def test_multi_level_features_are_the_stride16_stage_pooled_next_to_the_last_block() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 96)
+    single, _ = build_backbone("resnet18", "none", 32)
+    multi, _ = build_backbone("resnet18", "none", 32, multi_level=True)
+    assert list(single.state_dict()) == list(multi.state_dict())  # saved ResNet models keep their keys
+    multi.load_state_dict(single.state_dict())
+    with torch.no_grad():
+        mid = single.eval().body[:7](x)  # layer3: stride 16
+        want = torch.cat([torch.nn.functional.avg_pool2d(mid, 2), single(x)], dim=1)
+        torch.testing.assert_close(multi.eval()(x), want)
+    lite, _ = build_backbone("efficientnet_lite0", "imagenet", 16)
+    lite_m, _ = build_backbone("efficientnet_lite0", "imagenet", 16, multi_level=True)
+    with torch.no_grad():
+        out = lite_m.eval()(x)
+        torch.testing.assert_close(out[:, 112:], lite.eval()(x))
+        h = torch.nn.functional.relu6(lite.net._bn0(lite.net._conv_stem(x)))
+        for b in lite.net._blocks[:11]:
+            h = b(h)
+        torch.testing.assert_close(out[:, :112], h)
 
 
 def test_lite0_features_without_head_conv_are_the_last_block_of_the_imagenet_network() -> None:

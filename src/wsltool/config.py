@@ -368,6 +368,9 @@ class ModelConfig:
         ``efficientnet_lite0``: take features after its 1280-channel ImageNet head convolution (True) or from
         the last MBConv block, 320 channels (False, default: those features locate glands, see README);
         ignored by other backbones.
+    multi_level
+        Concatenate the backbone's stride-16 stage (Lite0: 112 channels, ResNets: ``layer3``) with its last
+        features before the heads.
     num_classes
         Number of image classes.
     modalities, kmax, kmin, alpha, head_dropout
@@ -407,6 +410,7 @@ class ModelConfig:
     pretrained: str = "imagenet"
     output_stride: int = 16
     head_conv: bool = False
+    multi_level: bool = False
     num_classes: int = 2
     modalities: int = 5
     kmax: float = 0.3

@@ -177,19 +177,40 @@ class EfficientNetLite0(nn.Module):
         return self._fc(f.mean(dim=(2, 3)))
 
 
-class _Features(nn.Module):
-    """EfficientNet-Lite0 as a plain feature extractor, with or without its 1280-channel head convolution."""
+def _concat_levels(mid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Concatenate a stride-16 feature map with the last one (average-pooled to its size when coarser)."""
+    if mid.shape[-2:] != last.shape[-2:]:
+        mid = F.adaptive_avg_pool2d(mid, (int(last.shape[-2]), int(last.shape[-1])))
+    return torch.cat([mid, last], dim=1)
 
-    def __init__(self, net: EfficientNetLite0, head_conv: bool) -> None:
+
+#: Index of the last block of EfficientNet-Lite0's stride-16 stage (112 channels).
+_LITE0_MID_BLOCK = 10
+
+
+class _Features(nn.Module):
+    """EfficientNet-Lite0 as a feature extractor: last block or head convolution, optionally multi-level."""
+
+    def __init__(self, net: EfficientNetLite0, head_conv: bool, multi_level: bool) -> None:
         super().__init__()
         if not head_conv:  # drop the unused layers so they are neither trained nor saved
             net._conv_head = None  # type: ignore[assignment]
             net._bn1 = None  # type: ignore[assignment]
         self.net = net
         self.head_conv = head_conv
+        self.multi_level = multi_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(x) if self.head_conv else self.net.block_features(x)
+        n = self.net
+        x = F.relu6(n._bn0(n._conv_stem(x)), inplace=True)
+        mid = x
+        for i, b in enumerate(n._blocks):
+            x = b(x)
+            if i == _LITE0_MID_BLOCK:
+                mid = x
+        if self.head_conv:
+            x = F.relu6(n._bn1(n._conv_head(x)), inplace=True)
+        return _concat_levels(mid, x) if self.multi_level else x
 
 
 def lite0_weights_path() -> Path:
@@ -254,36 +275,32 @@ def efficientnet_lite0(pretrained: str = "imagenet", output_stride: int = 32) ->
     return net
 
 
-def _build_lite0(pretrained: str, output_stride: int, head_conv: bool = False) -> nn.Module:
+def _build_lite0(pretrained: str, output_stride: int, head_conv: bool = False, multi_level: bool = False) -> nn.Module:
     net: Any = efficientnet_lite0(pretrained, output_stride)
     net._fc = None
-    return _Features(net, head_conv)
+    return _Features(net, head_conv, multi_level)
 
 
 # ---------------------------------------------------------------------------------------------- ResNets
 
 
 class _ResNetFeatures(nn.Module):
-    def __init__(self, net: Any) -> None:
+    def __init__(self, net: Any, multi_level: bool = False) -> None:
         super().__init__()
+        # one Sequential, as before multi_level existed, so the state_dict keys of saved models still fit
         self.body = nn.Sequential(
-            net.conv1,
-            net.bn1,
-            net.relu,
-            net.maxpool,
-            net.layer1,
-            net.layer2,
-            net.layer3,
-            net.layer4,
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
         )
+        self.multi_level = multi_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.body(x)
-        return out
+        mid = self.body[:7](x)
+        out: torch.Tensor = self.body[7](mid)
+        return _concat_levels(mid, out) if self.multi_level else out
 
 
-def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
-    def build(pretrained: str, output_stride: int) -> nn.Module:
+def _resnet_factory(name: str) -> Callable[..., nn.Module]:
+    def build(pretrained: str, output_stride: int, multi_level: bool = False) -> nn.Module:
         import torchvision
 
         if output_stride not in (16, 32):
@@ -317,7 +334,7 @@ def _resnet_factory(name: str) -> Callable[[str, int], nn.Module]:
             if missing or unexpected:
                 msg = f"{path}: weights do not fit {name} (missing {len(missing)}, unexpected {len(unexpected)})"
                 raise CheckpointError(msg)
-        return _ResNetFeatures(net)
+        return _ResNetFeatures(net, multi_level)
 
     return build
 
@@ -371,7 +388,7 @@ def _build_tiny(pretrained: str, output_stride: int) -> nn.Module:
     return net
 
 
-_REGISTRY: dict[str, tuple[BackboneInfo, Callable[[str, int], nn.Module]]] = {
+_REGISTRY: dict[str, tuple[BackboneInfo, Callable[..., nn.Module]]] = {
     "tiny": (BackboneInfo("tiny", 64, HALF, HALF), _build_tiny),
     "efficientnet_lite0": (BackboneInfo("efficientnet_lite0", 320, HALF, HALF), _build_lite0),
     "resnet18": (BackboneInfo("resnet18", 512, IMAGENET_MEAN, IMAGENET_STD), _resnet_factory("resnet18")),
@@ -417,8 +434,12 @@ def backbone_info(name: str) -> BackboneInfo:
     return _REGISTRY[name][0]
 
 
+#: Channels of the stride-16 level that ``multi_level`` concatenates.
+_MID_CHANNELS = {"efficientnet_lite0": 112, "resnet18": 256, "resnet34": 256, "resnet50": 1024, "resnet101": 1024}
+
+
 def build_backbone(
-    name: str, pretrained: str = "none", output_stride: int = 16, head_conv: bool = False
+    name: str, pretrained: str = "none", output_stride: int = 16, head_conv: bool = False, multi_level: bool = False
 ) -> tuple[nn.Module, BackboneInfo]:
     """Build a registered backbone as a feature extractor.
 
@@ -435,16 +456,30 @@ def build_backbone(
         ``efficientnet_lite0`` only: end with its 1x1 head convolution to 1280 channels (the ImageNet
         classifier's input) instead of the last MBConv block (320 channels, the default).  The head
         convolution's features hardly carry where the glands are: a linear probe trained *with* the GlaS gland
-        masks reaches pixel ROC AUC 62 on valid from them and 85 from the block output below (see README).
+        masks reaches pixel ROC AUC 62 on valid from them and 85 from the block output (see README).
         Other backbones ignore it.
+    multi_level
+        Concatenate the output of the last stride-16 stage (Lite0: 112 channels; ResNets: ``layer3``),
+        average-pooled to the output stride, in front of the last features (not for ``tiny``).
 
     Returns
     -------
     (module, info)
         The feature extractor and its metadata.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name or ``multi_level`` on a backbone without it.
     """
     info = backbone_info(name)
+    if multi_level and name not in _MID_CHANNELS:
+        msg = f"{name}: multi_level features are not available for this backbone"
+        raise ConfigError(msg)
+    extra = _MID_CHANNELS[name] if multi_level else 0
     if name == "efficientnet_lite0":
-        net = _build_lite0(pretrained, output_stride, head_conv)
-        return net, replace(info, channels=1280) if head_conv else info
+        net = _build_lite0(pretrained, output_stride, head_conv, multi_level)
+        return net, replace(info, channels=(1280 if head_conv else info.channels) + extra)
+    if multi_level:
+        return _REGISTRY[name][1](pretrained, output_stride, True), replace(info, channels=info.channels + extra)
     return _REGISTRY[name][1](pretrained, output_stride), info

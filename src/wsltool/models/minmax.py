@@ -82,7 +82,9 @@ class _Base(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone, info = build_backbone(cfg.backbone, cfg.pretrained, cfg.output_stride, cfg.head_conv)
+        self.backbone, info = build_backbone(
+            cfg.backbone, cfg.pretrained, cfg.output_stride, cfg.head_conv, cfg.multi_level
+        )
         if cfg.padding != "zeros":
             set_padding_mode(self.backbone, cfg.padding)
         self.channels = info.channels

@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 #: ModelConfig fields added after checkpoints were first written, with the behaviour the model had before the
 #: field existed.  A checkpoint that lacks a field was trained that way; filling it with today's default would
 #: silently change the network it loads (new fields change defaults; old checkpoints must not).
-LEGACY_MODEL_FIELDS: dict[str, Any] = {"neg_updates": "all", "padding": "zeros", "head_conv": True}
+LEGACY_MODEL_FIELDS: dict[str, Any] = {
+    "neg_updates": "all",
+    "padding": "zeros",
+    "head_conv": True,
+    "multi_level": False,
+}
 
 FORMAT = "wsltool-checkpoint"
 FORMAT_VERSION = 1
