@@ -386,6 +386,9 @@ class ModelConfig:
         applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
     area_min, area_max
         Bounds of the ``"range"`` size prior (area fraction of the soft mask).
+    minmax_start
+        First epoch (0-based) with the min-max terms (X+, X-, size prior); earlier epochs train the localizer
+        alone with its cross-entropy, as WILDCAT, so the mask starts from class evidence.
     erase_passes, erase_sigma, erase_start
         Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
     bn_mode
@@ -424,6 +427,7 @@ class ModelConfig:
     size_prior: typing.Literal["none", "absolute", "range"] = "range"
     area_min: float = 0.35
     area_max: float = 0.65
+    minmax_start: int = 0
     erase_passes: int = 0
     erase_sigma: float = 10.0
     erase_start: int = 1
@@ -450,6 +454,7 @@ class ModelConfig:
             0 <= self.area_min < self.area_max <= 1,
             f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}",
         )
+        _check(self.minmax_start >= 0, f"ModelConfig.minmax_start must be >= 0, got {self.minmax_start}")
         _check(self.erase_passes >= 0, f"ModelConfig.erase_passes must be >= 0, got {self.erase_passes}")
         _check(self.erase_sigma > 0, f"ModelConfig.erase_sigma must be > 0, got {self.erase_sigma}")
         _check(0 < self.threshold < 1, f"ModelConfig.threshold must be in (0, 1), got {self.threshold}")

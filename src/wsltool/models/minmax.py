@@ -284,6 +284,10 @@ class MinMaxNet(_Base):
             ``"area"`` (mean soft-mask area), ``"passes"``.
         """
         cfg = self.cfg
+        if epoch < cfg.minmax_start:  # warm-up: the localizer learns class evidence alone (WILDCAT)
+            scores, _ = self.heads_out(xn)
+            loc = ce_loss(scores, y)
+            return {"total": loc, "loc": loc.detach(), "_scores": scores.detach(), "_loc": loc}
         size = (xn.shape[-2], xn.shape[-1])
         detach = cfg.detach_mask
 

@@ -34,6 +34,7 @@ LEGACY_MODEL_FIELDS: dict[str, Any] = {
     "padding": "zeros",
     "head_conv": True,
     "multi_level": False,
+    "minmax_start": 0,
 }
 
 FORMAT = "wsltool-checkpoint"
