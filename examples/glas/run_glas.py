@@ -113,7 +113,33 @@ def table(root: Path) -> int:
                 f"| {r['run']} | {ck} | {vals} | {r['train_seconds'] / 60:.1f} | "
                 f"{r['train_images_per_s']:.1f} | {s['images_per_s']:.1f} |"
             )
+    seeds_table(root, cols)
     return 0
+
+
+def seeds_table(root: Path, cols: list[str]) -> None:
+    """Runs that differ only in their seed, pooled: mean and range of the best checkpoints."""
+    from wsltool.train.checkpoint import LEGACY_MODEL_FIELDS  # fields a run from before they existed lacks
+
+    groups: dict[str, list[dict]] = {}
+    for p in sorted(root.glob("*/result.json")):
+        r = json.loads(p.read_text())
+        train = {k: v for k, v in r["train"].items() if k not in ("seed", "num_threads")}
+        key = json.dumps([{**LEGACY_MODEL_FIELDS, **r["model"]}, train], sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    print("\nOver seeds (best checkpoint): mean [min, max]")
+    print("| runs | seeds | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    for rs in groups.values():
+        if len(rs) < 2:
+            continue
+        cells = []
+        for c in cols:
+            v = [r[c] for r in rs]
+            cells.append(f"{sum(v) / len(v):.1f} [{min(v):.1f}, {max(v):.1f}]")
+        names = ", ".join(r["run"] for r in rs)
+        seeds = ", ".join(str(r["train"]["seed"]) for r in rs)
+        print(f"| {names} | {seeds} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
