@@ -373,3 +373,20 @@ def test_batchnorm_folding_keeps_outputs(backbone: str, pretrained: str) -> None
         after = model.localize(x, size=(24, 32))
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-3, atol=1e-4)
+
+
+def test_minmax_start_trains_the_localizer_alone_before_it() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([0, 1])
+    model = MinMaxNet(ModelConfig(**TINY, minmax_start=2, head_dropout=0.0)).train()
+    xn = model.normalize(x)
+    early = model.training_losses(xn, y, epoch=1)
+    assert set(k for k in early if not k.startswith("_")) == {"total", "loc"}
+    scores, _ = model.heads_out(xn)
+    torch.testing.assert_close(early["total"], torch.nn.functional.cross_entropy(scores, y))
+    early["total"].backward()
+    assert model.cls_head.conv.weight.grad is None  # the classifier is not used before minmax_start
+    assert float(model.loc_head.conv.weight.grad.abs().sum()) > 0
+    late = model.training_losses(xn, y, epoch=2)
+    assert {"pos", "neg", "size"} <= set(late)

@@ -174,6 +174,22 @@ def test_restarts_keep_the_run_with_the_lowest_validation_error_then_loss(tmp_pa
         fit_restarts(items, [], CLASSES, mc, tc, tmp_path / "nv", progress=False)
 
 
+def test_minmax_start_past_the_last_epoch_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**TINY, method="minmax", minmax_start=1)
+    with caplog.at_level("WARNING", logger="wsltool.train.loop"):
+        fit(
+            items[:2],
+            items[2:],
+            CLASSES,
+            mc,
+            TrainConfig(epochs=1, batch_size=2, crop=48),
+            tmp_path / "o",
+            progress=False,
+        )
+    assert "minmax_start=1 >= epochs=1" in caplog.text
+
+
 def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> None:
     """A checkpoint written before ``padding``/``neg_updates`` existed keeps the behaviour it was trained with."""
     torch.manual_seed(0)

@@ -146,6 +146,12 @@ def fit(
     if model_cfg.num_classes != len(class_names):
         msg = f"model has {model_cfg.num_classes} classes, the labels have {len(class_names)}"
         raise ConfigError(msg)
+    if model_cfg.method == "minmax" and model_cfg.minmax_start >= train_cfg.epochs:
+        log.warning(
+            "minmax_start=%d >= epochs=%d: the min-max terms never start (this trains the localizer alone)",
+            model_cfg.minmax_start,
+            train_cfg.epochs,
+        )
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
