@@ -20,7 +20,7 @@ from wsltool.train.data import augment, color_augment, random_crop
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import fit, fit_restarts, lr_factor
 
-TINY = {"backbone": "tiny", "pretrained": "none", "output_stride": 8}
+TINY = {"backbone": "tiny", "pretrained": "none", "output_stride": 8, "minmax_start": 0}  # min-max from epoch 0
 
 
 def make_squares(root: Path, n: int, seed: int, size: int = 128, side: int = 52) -> list[LabeledItem]:
@@ -176,7 +176,7 @@ def test_restarts_keep_the_run_with_the_lowest_validation_error_then_loss(tmp_pa
 
 def test_minmax_start_past_the_last_epoch_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
-    mc = ModelConfig(**TINY, method="minmax", minmax_start=1)
+    mc = ModelConfig(**{**TINY, "minmax_start": 1}, method="minmax")
     with caplog.at_level("WARNING", logger="wsltool.train.loop"):
         fit(
             items[:2],

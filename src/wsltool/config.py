@@ -388,7 +388,9 @@ class ModelConfig:
         Bounds of the ``"range"`` size prior (area fraction of the soft mask).
     minmax_start
         First epoch (0-based) with the min-max terms (X+, X-, size prior); earlier epochs train the localizer
-        alone with its cross-entropy, as WILDCAT, so the mask starts from class evidence.
+        alone with its cross-entropy, as WILDCAT, so the mask starts from class evidence.  Default 10 (half of
+        the default 20 epochs): started at epoch 0 the mask settled on glands or on stroma depending on the
+        seed (GlaS valid pixel AUC 73 / 58 / 36 over three seeds); after 10 WILDCAT epochs 73.5 / 75.5 / 73.5.
     erase_passes, erase_sigma, erase_start
         Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
     bn_mode
@@ -427,7 +429,7 @@ class ModelConfig:
     size_prior: typing.Literal["none", "absolute", "range"] = "range"
     area_min: float = 0.35
     area_max: float = 0.65
-    minmax_start: int = 0
+    minmax_start: int = 10
     erase_passes: int = 0
     erase_sigma: float = 10.0
     erase_start: int = 1
@@ -569,6 +571,7 @@ def half_region_overlap(region: int) -> int:
 
 #: The 2019 paper settings (min-max entropy, arXiv 1907.12934 and its public code) as a ModelConfig preset.
 PAPER_2019 = {
+    "minmax_start": 0,
     "padding": "zeros",
     "neg_updates": "all",
     "kmax": 0.09,
