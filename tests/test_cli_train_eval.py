@@ -133,16 +133,3 @@ def test_eval_refuses_unsafe_or_wrong_checkpoint(tmp_path: Path, capsys: pytest.
     assert "junk.pt" in capsys.readouterr().err
     assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "x"), "--backbone", "unknown"]) == 2
     assert "unknown backbone" in capsys.readouterr().err
-
-
-def test_train_restarts_keeps_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    csv = _images(tmp_path)
-    out = tmp_path / "run"
-    argv = ["train", "--labels", str(csv), "--out", str(out), "--backbone", "tiny", "--pretrained", "none"]
-    argv += ["--epochs", "1", "--crop", "32", "--batch-size", "2", "--restarts", "2", "--seed", "3"]
-    argv += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
-    assert main(argv) == 0
-    runs = json.loads((out / "restarts.json").read_text())["runs"]
-    assert [r["seed"] for r in runs] == [3, 4] and sum(r["chosen"] for r in runs) == 1
-    assert (out / "seed3" / "best.pt").exists() and (out / "seed4" / "best.pt").exists()
-    assert str(out / "best.pt") in capsys.readouterr().out

@@ -18,7 +18,7 @@ from wsltool.models import build_model
 from wsltool.train.checkpoint import load_checkpoint, save_checkpoint
 from wsltool.train.data import augment, color_augment, random_crop
 from wsltool.train.labels import LabeledItem
-from wsltool.train.loop import fit, fit_restarts, lr_factor
+from wsltool.train.loop import fit, lr_factor
 
 TINY = {"backbone": "tiny", "pretrained": "none", "output_stride": 8, "minmax_start": 0}  # min-max from epoch 0
 
@@ -143,35 +143,6 @@ def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_checkpoint(tmp_path / "junk.pt")
-
-
-def test_restarts_keep_the_run_with_the_lowest_validation_error_then_loss(tmp_path: Path) -> None:
-    import json
-
-    from wsltool.errors import ConfigError
-    from wsltool.train.checkpoint import read_checkpoint, weights_fingerprint
-
-    items = make_squares(tmp_path / "d", 8, 0, size=64, side=24)
-    mc = ModelConfig(**TINY, method="minmax")
-    tc = TrainConfig(epochs=2, batch_size=4, crop=48, num_threads=1, seed=5, restarts=3)
-    res = fit_restarts(items[:6], items[6:], CLASSES, mc, tc, tmp_path / "r", progress=False)
-    info = json.loads((tmp_path / "r" / "restarts.json").read_text())
-    runs = info["runs"]
-    assert [r["seed"] for r in runs] == [5, 6, 7] and sum(r["chosen"] for r in runs) == 1
-    keys = [(r["valid_error"], r["valid_loss"]) for r in runs]
-    assert len(set(keys)) == 3  # the seeds really differ
-    chosen = next(r for r in runs if r["chosen"])
-    assert (chosen["valid_error"], chosen["valid_loss"]) == min(keys)
-    best = read_checkpoint(res.best)
-    sub = read_checkpoint(tmp_path / "r" / chosen["folder"] / "best.pt")
-    assert weights_fingerprint(best["state_dict"]) == weights_fingerprint(sub["state_dict"])
-    assert best["meta"]["train_config"]["seed"] == chosen["seed"]
-    assert res.best_epoch == chosen["best_epoch"]
-    # resume: finished runs are not retrained, the choice is the same
-    again = fit_restarts(items[:6], items[6:], CLASSES, mc, tc, tmp_path / "r", resume=True, progress=False)
-    assert weights_fingerprint(read_checkpoint(again.best)["state_dict"]) == weights_fingerprint(best["state_dict"])
-    with pytest.raises(ConfigError, match="validation"):
-        fit_restarts(items, [], CLASSES, mc, tc, tmp_path / "nv", progress=False)
 
 
 def test_minmax_start_past_the_last_epoch_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -510,11 +510,6 @@ class TrainConfig:
     select
         Checkpoint (``best.pt``) selection without masks: ``"error_loss"`` (validation error, then validation
         loss), ``"loss"`` or ``"last"``; ties go to the later epoch.
-    restarts
-        Image training only: train this many times (seeds ``seed``, ``seed + 1``, ...) and keep the run whose
-        best checkpoint has the lowest validation error, then loss (labels only, no masks).  Weakly supervised
-        localization depends on the seed: on GlaS the runs with the lowest validation loss were the ones that
-        localized glands (README).
     """
 
     epochs: int = 20
@@ -540,10 +535,8 @@ class TrainConfig:
     workers: int = 0
     eval_every: int = 1
     select: typing.Literal["error_loss", "loss", "last"] = "error_loss"
-    restarts: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.restarts >= 1, f"TrainConfig.restarts must be >= 1, got {self.restarts}")
         _check(self.epochs >= 1, f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
         _check(self.crop >= 32, f"TrainConfig.crop must be >= 32, got {self.crop}")

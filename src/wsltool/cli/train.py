@@ -36,12 +36,6 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
-        "--restarts",
-        type=int,
-        default=None,
-        help="images: train N times (seeds SEED..SEED+N-1), keep the run with the lowest validation error/loss",
-    )
-    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -63,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import class_names_of, read_labels
-    from wsltool.train.loop import fit_restarts
+    from wsltool.train.loop import fit
 
     mil_data: dict[str, Any] = {}
     args.mil_data = mil_data
@@ -86,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
         ("crop", args.crop),
         ("lr", args.lr),
         ("seed", args.seed),
-        ("restarts", args.restarts),
     ):
         if val is not None:
             tdata[key] = val
@@ -121,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if not train:
         raise LabelsError(src, ["split 'train' has no item"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    res = fit_restarts(
+    res = fit(
         train,
         valid,
         classes,
@@ -171,16 +164,12 @@ def _run_slides(
 ) -> int:
     """Slide-level (multiple-instance) training: ``wsltool.train.slides.train_from_items``."""
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict
-    from wsltool.errors import ConfigError
     from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, SLIDE_TRAIN_DEFAULTS, train_from_items
 
     mil = dict(args.mil_data)
     if args.mpp is not None:
         mil["mpp"] = args.mpp
     tdata.pop("crop", None)
-    if int(tdata.get("restarts", 1)) != 1:
-        msg = "--restarts applies to image training only (slide training selects by slide-level validation)"
-        raise ConfigError(msg)
     model_cfg = from_dict(ModelConfig, {**SLIDE_MODEL_DEFAULTS, **mdata}, source="model config")
     train_cfg = from_dict(TrainConfig, {**SLIDE_TRAIN_DEFAULTS, **tdata}, source="train config")
     mil_cfg = from_dict(MilConfig, mil, source="MIL config")

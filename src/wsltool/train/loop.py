@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,82 +275,4 @@ def fit(
     return FitResult(best_path, last_path, history, best_epoch, time.perf_counter() - t_start)
 
 
-def _best_record(res: FitResult) -> dict[str, Any]:
-    return next((h for h in res.history if h["epoch"] == res.best_epoch), {})
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def fit_restarts(
-    train_items: Sequence[LabeledItem],
-    valid_items: Sequence[LabeledItem],
-    class_names: Sequence[str],
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    device: str | None = None,
-    progress: bool = True,
-    mpp: float | None = None,
-) -> FitResult:
-    """:func:`fit`, repeated ``train_cfg.restarts`` times with consecutive seeds; keep the best run.
-
-    With ``restarts == 1`` this is :func:`fit`.  Otherwise run ``k`` trains in ``out_dir/seed<seed+k>/`` and
-    the run whose best checkpoint has the lowest validation (error, loss) (``select="loss"``: loss only; ties
-    -> the lower seed) is copied to ``out_dir/best.pt``, ``last.pt`` and ``history.jsonl``; every run's
-    figures and the choice go to ``out_dir/restarts.json``.  Parameters as :func:`fit`; ``resume`` continues
-    each run from its own ``last.pt`` (finished runs are not retrained).
-
-    Raises
-    ------
-    ConfigError
-        ``restarts > 1`` without validation items (nothing to choose with).
-    """
-    kw: dict[str, Any] = {"device": device, "progress": progress, "mpp": mpp}
-    if train_cfg.restarts == 1:
-        return fit(train_items, valid_items, class_names, model_cfg, train_cfg, out_dir, resume=resume, **kw)
-    if not valid_items:
-        msg = "restarts > 1 needs validation images to choose between the runs (a 'valid' split)"
-        raise ConfigError(msg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    runs: list[FitResult] = []
-    for r in range(train_cfg.restarts):
-        cfg_r = replace(train_cfg, seed=train_cfg.seed + r, restarts=1)
-        sub = out / f"seed{cfg_r.seed}"
-        log.info("restart %d/%d: seed %d -> %s", r + 1, train_cfg.restarts, cfg_r.seed, sub)
-        res = fit(
-            train_items, valid_items, class_names, model_cfg, cfg_r, sub,
-            resume=resume and (sub / "last.pt").exists(), **kw,
-        )  # fmt: skip
-        runs.append(res)
-    rule = "loss" if train_cfg.select == "loss" else "error_loss"
-    keys = [selection_key(_best_record(res), rule) for res in runs]
-    chosen = min(range(len(runs)), key=lambda i: (keys[i], i))
-    table = [
-        {
-            "seed": train_cfg.seed + i,
-            "folder": f"seed{train_cfg.seed + i}",
-            "best_epoch": res.best_epoch,
-            "valid_error": _best_record(res).get("valid_error"),
-            "valid_loss": _best_record(res).get("valid_loss"),
-            "chosen": i == chosen,
-        }
-        for i, res in enumerate(runs)
-    ]
-    best = runs[chosen]
-    _copy_atomic(best.best, out / "best.pt")
-    _copy_atomic(best.last, out / "last.pt")
-    _copy_atomic(best.best.parent / "history.jsonl", out / "history.jsonl")
-    (out / "restarts.json").write_text(json.dumps({"rule": rule, "runs": table}, indent=2), encoding="utf-8")
-    log.info("restarts: kept seed %d (%s)", train_cfg.seed + chosen, table[chosen])
-    return FitResult(out / "best.pt", out / "last.pt", best.history, best.best_epoch, time.perf_counter() - t0)
-
-
-__all__ = ["FitResult", "fit", "fit_restarts", "lr_factor", "selection_key", "validate"]
+__all__ = ["FitResult", "fit", "lr_factor", "selection_key", "validate"]
