@@ -145,20 +145,16 @@ def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_minmax_start_past_the_last_epoch_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_minmax_start_longer_than_half_the_run_is_shortened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
-    mc = ModelConfig(**{**TINY, "minmax_start": 1}, method="minmax")
+    mc = ModelConfig(**{**TINY, "minmax_start": 10}, method="minmax")
     with caplog.at_level("WARNING", logger="wsltool.train.loop"):
-        fit(
-            items[:2],
-            items[2:],
-            CLASSES,
-            mc,
-            TrainConfig(epochs=1, batch_size=2, crop=48),
-            tmp_path / "o",
-            progress=False,
-        )
-    assert "minmax_start=1 >= epochs=1" in caplog.text
+        tc = TrainConfig(epochs=3, batch_size=2, crop=48)
+        res = fit(items[:2], items[2:], CLASSES, mc, tc, tmp_path / "o", progress=False)
+    assert "warm-up shortened to 1 epochs" in caplog.text
+    assert "pos" not in res.history[0] and {"pos", "neg"} <= set(res.history[1]) and "neg" in res.history[2]
+    _, meta = load_checkpoint(res.last, class_names=CLASSES)
+    assert meta["config"]["minmax_start"] == 1  # the warm-up actually used
 
 
 def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> None:

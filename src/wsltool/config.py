@@ -390,7 +390,8 @@ class ModelConfig:
         First epoch (0-based) with the min-max terms (X+, X-, size prior); earlier epochs train the localizer
         alone with its cross-entropy, as WILDCAT, so the mask starts from class evidence.  Default 10 (half of
         the default 20 epochs): started at epoch 0 the mask settled on glands or on stroma depending on the
-        seed (GlaS valid pixel AUC 73 / 58 / 36 over three seeds); after 10 WILDCAT epochs 73.5 / 75.5 / 73.5.
+        seed (GlaS valid pixel AUC 73 / 58 / 36 / 45 over four seeds); after 10 WILDCAT epochs 73.5 / 75.5 /
+        73.5 / 61 (README).  Image training shortens it to half the epochs when longer.
     erase_passes, erase_sigma, erase_start
         Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
     bn_mode

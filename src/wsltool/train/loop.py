@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +144,16 @@ def fit(
     if model_cfg.num_classes != len(class_names):
         msg = f"model has {model_cfg.num_classes} classes, the labels have {len(class_names)}"
         raise ConfigError(msg)
-    if model_cfg.method == "minmax" and model_cfg.minmax_start >= train_cfg.epochs:
+    if model_cfg.method == "minmax" and model_cfg.minmax_start > train_cfg.epochs // 2:
+        # a warm-up longer than half the run would leave the classifier (X+) barely trained: shorten it; the
+        # checkpoint records the warm-up actually used
         log.warning(
-            "minmax_start=%d >= epochs=%d: the min-max terms never start (this trains the localizer alone)",
+            "minmax_start=%d with %d epochs: WILDCAT warm-up shortened to %d epochs (half the run)",
             model_cfg.minmax_start,
             train_cfg.epochs,
+            train_cfg.epochs // 2,
         )
+        model_cfg = replace(model_cfg, minmax_start=train_cfg.epochs // 2)
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
