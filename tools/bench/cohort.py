@@ -52,7 +52,7 @@ def make_cohort(n: int, h: int, w: int) -> tuple[Path, Path, list[Path]]:
     (d / "cohort.csv").write_text("path\n" + "".join(f"{p.name}\n" for p in slides))
     ckpt = OUT / "model.pt"
     if not ckpt.exists():
-        make_checkpoint(ckpt, input_size=128)
+        make_checkpoint(ckpt, input_size=128, head_conv=True)  # the network slide training builds
     print(f"cohort: {n} slides of {w}x{h} (WxH) px at 0.5 um/px in {d} ({time.perf_counter() - t0:.0f} s to prepare)")
     return d / "cohort.csv", ckpt, slides
 

@@ -46,6 +46,7 @@ def checkpoint(name: str, **kw: object) -> Path:
     from wsltool.testing.models import make_checkpoint
 
     p = OUT / f"{name}.pt"
+    kw.setdefault("head_conv", True)  # the network slide training builds (SLIDE_MODEL_DEFAULTS), as measured
     if not p.exists():
         make_checkpoint(p, **kw)  # type: ignore[arg-type]
     return p
