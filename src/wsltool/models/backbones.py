@@ -158,12 +158,19 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, num_classes) if num_classes else None
 
+    def block_levels(self, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output of MBConv block ``keep`` and of the last block (before the head convolution)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        kept = x
+        for i, b in enumerate(self._blocks):
+            x = b(x)
+            if i == keep:
+                kept = x
+        return kept, x
+
     def block_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last MBConv block ``(B, 320, H/stride, W/stride)`` (before the head convolution)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for b in self._blocks:
-            x = b(x)
-        return x
+        return self.block_levels(x, -1)[1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map after the head convolution ``(B, 1280, H/stride, W/stride)`` (the classifier's input)."""
@@ -202,12 +209,7 @@ class _Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        x = F.relu6(n._bn0(n._conv_stem(x)), inplace=True)
-        mid = x
-        for i, b in enumerate(n._blocks):
-            x = b(x)
-            if i == _LITE0_MID_BLOCK:
-                mid = x
+        mid, x = n.block_levels(x, _LITE0_MID_BLOCK)
         if self.head_conv:
             x = F.relu6(n._bn1(n._conv_head(x)), inplace=True)
         return _concat_levels(mid, x) if self.multi_level else x
@@ -294,9 +296,11 @@ class _ResNetFeatures(nn.Module):
         self.multi_level = multi_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mid = self.body[:7](x)
-        out: torch.Tensor = self.body[7](mid)
-        return _concat_levels(mid, out) if self.multi_level else out
+        *stem, layer4 = self.body  # iterate, not slice: slicing builds a new Sequential on every call
+        for m in stem:
+            x = m(x)
+        out: torch.Tensor = layer4(x)
+        return _concat_levels(x, out) if self.multi_level else out
 
 
 def _resnet_factory(name: str) -> Callable[..., nn.Module]:
