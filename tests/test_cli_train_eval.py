@@ -133,3 +133,32 @@ def test_eval_refuses_unsafe_or_wrong_checkpoint(tmp_path: Path, capsys: pytest.
     assert "junk.pt" in capsys.readouterr().err
     assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "x"), "--backbone", "unknown"]) == 2
     assert "unknown backbone" in capsys.readouterr().err
+
+
+def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsltool.models import Ensemble
+    from wsltool.train.checkpoint import load_checkpoint
+
+    csv = _images(tmp_path)
+    out = tmp_path / "ens"
+    common = ["--backbone", "tiny", "--pretrained", "none", "--epochs", "1", "--crop", "32", "--batch-size", "2"]
+    common += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "3,7", *common]) == 0
+    text = capsys.readouterr().out
+    assert "(seed 3)" in text and "(seed 7)" in text and f"ensemble: {out / 'ensemble.pt'}" in text
+    model, meta = load_checkpoint(out / "ensemble.pt")
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    assert [e["source"] for e in meta["ensemble"]] == [str(out / "seed_3" / "best.pt"), str(out / "seed_7" / "best.pt")]
+    assert [e["train_config"]["seed"] for e in meta["ensemble"]] == [3, 7]
+    assert meta["ensemble"][0]["fingerprint"] != meta["ensemble"][1]["fingerprint"]
+    rows = []
+    for tta in ("none", "d4"):
+        assert main(["eval", "--labels", str(csv), "--model", str(out / "ensemble.pt"), "--json", "--tta", tta]) == 0
+        rows.append(json.loads(capsys.readouterr().out))
+    assert rows[0]["n"] == rows[1]["n"] == 6
+    assert rows[0]["pixel_auc"] != rows[1]["pixel_auc"]  # the views really were averaged
+    rc = main(["train", "--labels", str(csv), "--out", str(tmp_path / "x"), "--seeds", "1", *common])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--seeds expects two or more distinct integers" in err and len(err.strip().splitlines()) == 1

@@ -259,6 +259,10 @@ class InferConfig:
     chunk
         Chunk side of the output store in output pixels (also the height of the row bands that are
         flushed as soon as final: memory grows with ``chunk x slide width``).
+    tta
+        Test-time augmentation: ``"none"``, ``"flips"`` (4 views) or ``"d4"`` (8 views: quarter turns x flip),
+        each region's maps averaged over the views turned back; costs that many forward passes.  On GlaS valid
+        ``d4`` lifted the default's pixel AUC by about 2 points per model (README, "GlaS").
     """
 
     mpp: float | None = None
@@ -274,6 +278,7 @@ class InferConfig:
     threshold: float = 0.5
     top_k: int = 5
     chunk: int = 512
+    tta: typing.Literal["none", "flips", "d4"] = "none"
 
     def __post_init__(self) -> None:
         _check(16 <= self.chunk <= 4096, f"InferConfig.chunk must be in [16, 4096], got {self.chunk}")

@@ -19,7 +19,7 @@ from wsltool.errors import WslError
 log = logging.getLogger(__name__)
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "train", "eval", "infer", "export", "cohort")
+COMMANDS = ("info", "train", "eval", "infer", "export", "cohort", "ensemble")
 
 
 def setup_logging(verbosity: int) -> None:

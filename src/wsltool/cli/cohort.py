@@ -45,6 +45,7 @@ def register(sub: Any) -> None:
         help="seconds after which an unrefreshed lock of "
         "another host is reclaimed (default 3600; locks of dead processes on this host at once)",
     )
+    from wsltool.cli.infer import add_tta_argument
     from wsltool.config import InferConfig
 
     d = InferConfig()  # the same defaults as `wsltool infer`
@@ -67,6 +68,7 @@ def register(sub: Any) -> None:
         "--top-k", type=int, default=d.top_k, help=f"slide score = mean of the top-k regions (default {d.top_k})"
     )
     q.add_argument("--chunk", type=int, default=d.chunk, help=f"store chunk side in output px (default {d.chunk})")
+    add_tta_argument(q)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run)
 

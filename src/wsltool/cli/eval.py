@@ -10,6 +10,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add the ``eval`` sub-command."""
+    from wsltool.cli.infer import add_tta_argument
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on labelled images with masks (<name>_anno.png)")
     p.add_argument("--labels", required=True, help="labels CSV (path,label[,split][,mask]) or a GlaS folder")
     p.add_argument("--model", required=True, help="checkpoint (.pt) written by wsltool train")
@@ -18,6 +20,7 @@ def register(sub: Any) -> None:
     p.add_argument("--overlays", type=int, default=0, help="overlay images for the first N items (needs --out)")
     p.add_argument("--threshold", type=float, default=None, help="mask threshold on M+ (default: the model's)")
     p.add_argument("--device", default="cpu")
+    add_tta_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from wsltool.errors import LabelsError
     from wsltool.evaluate import evaluate, format_summary
+    from wsltool.models.ensemble import with_tta
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import read_labels
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.labels)
     items = glas_items(src, work_dir=args.out) if src.is_dir() else read_labels(src)
     model, meta = load_checkpoint(args.model, map_location=args.device)
+    model = with_tta(model, args.tta)
     names = meta["class_names"]
     unknown = sorted({it.label for it in items} - set(names))
     if unknown:

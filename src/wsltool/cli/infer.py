@@ -38,11 +38,23 @@ def register(sub: Any) -> None:
         "grid's density (default 5)",
     )
     p.add_argument("--chunk", type=int, default=512, help="store chunk side in output px (default 512)")
+    add_tta_argument(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace a finished store")
     g.add_argument("--no-resume", action="store_true", help="refuse to continue an incomplete store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def add_tta_argument(p: Any) -> None:
+    """``--tta none|flips|d4`` (shared by ``infer``, ``cohort`` and ``eval``)."""
+    p.add_argument(
+        "--tta",
+        choices=["none", "flips", "d4"],
+        default="none",
+        help="test-time augmentation: average the maps over 4 (flips) or 8 (d4) flipped/rotated views; "
+        "costs that many passes (default none)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, *, workers: int) -> InferConfig:
@@ -61,6 +73,7 @@ def config_from_args(args: argparse.Namespace, *, workers: int) -> InferConfig:
         threshold=args.threshold,
         top_k=args.top_k,
         chunk=args.chunk,
+        tta=args.tta,
     )
 
 

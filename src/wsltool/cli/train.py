@@ -36,6 +36,13 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S1,S2,...",
+        help="images: train one model per seed into OUT/seed_<S>/ and write OUT/ensemble.pt, whose heatmap "
+        "averages theirs (GlaS: 4 seeds lift pixel AUC by ~4 points over one; README)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -99,7 +106,14 @@ def run(args: argparse.Namespace) -> int:
     mdata.setdefault("num_classes", len(classes))
     model_cfg = from_dict(ModelConfig, mdata, source="model config")
     train_cfg = from_dict(TrainConfig, tdata, source="train config")
+    seeds = _parse_seeds(args.seeds)
     if _has_slides(items):
+        if seeds:
+            msg = (
+                "--seeds trains image ensembles; for slides, train each seed with --seed "
+                "and combine the checkpoints with `wsltool ensemble`"
+            )
+            raise ConfigError(msg)
         return _run_slides(args, items, classes, mdata, tdata, src)
     has_split = any(it.split is not None for it in items)
     if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
@@ -114,22 +128,56 @@ def run(args: argparse.Namespace) -> int:
     if not train:
         raise LabelsError(src, ["split 'train' has no item"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    res = fit(
-        train,
-        valid,
-        classes,
-        model_cfg,
-        train_cfg,
-        args.out,
-        resume=args.resume,
-        device=args.device,
-        progress=not args.no_progress,
-        mpp=args.mpp,
+    runs = (
+        [(train_cfg, Path(args.out))]
+        if not seeds
+        else [(dataclasses.replace(train_cfg, seed=sd), Path(args.out) / f"seed_{sd}") for sd in seeds]
     )
-    print(f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, {res.seconds:.0f} s")
-    print(_best_line(res, "valid_error", "valid error {:.1f}%"))
-    print(f"last: {res.last}")
+    results = []
+    for cfg_k, out_k in runs:
+        res = fit(
+            train,
+            valid,
+            classes,
+            model_cfg,
+            cfg_k,
+            out_k,
+            resume=args.resume,
+            device=args.device,
+            progress=not args.no_progress,
+            mpp=args.mpp,
+        )
+        results.append(res)
+        seed_note = f" (seed {cfg_k.seed})" if seeds else ""
+        print(
+            f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, "
+            f"{res.seconds:.0f} s{seed_note}"
+        )
+        print(_best_line(res, "valid_error", "valid error {:.1f}%"))
+        print(f"last: {res.last}")
+    if seeds:
+        from wsltool.train.checkpoint import save_ensemble
+
+        ens = Path(args.out) / "ensemble.pt"
+        save_ensemble(ens, [r.best for r in results])
+        print(f"ensemble: {ens} (the best.pt of {len(results)} seeds, heatmaps averaged)")
     return 0
+
+
+def _parse_seeds(text: str | None) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (at least two distinct seeds); None -> ``[]``."""
+    from wsltool.errors import ConfigError
+
+    if text is None:
+        return []
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        seeds = []
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        msg = f"--seeds expects two or more distinct integers separated by commas, got {text!r}"
+        raise ConfigError(msg)
+    return seeds
 
 
 def _best_line(res: Any, key: str, fmt: str) -> str:

@@ -204,6 +204,7 @@ def infer_slide(
 
     from wsltool.infer.aggregate import topk_mean
     from wsltool.infer.stitch import Stitcher
+    from wsltool.models.ensemble import with_tta
     from wsltool.slide import open_slide
     from wsltool.store import HeatmapStore
     from wsltool.stream import STREAM_CACHE_BYTES, RegionStream, make_loader
@@ -222,6 +223,7 @@ def infer_slide(
         device = resolve_device(cfg.device)
         t0 = time.perf_counter()
         net, meta = _load_model(model, device)
+        net = with_tta(net, cfg.tta)
         timings["load_model"] = time.perf_counter() - t0
         class_names = list(meta["class_names"])
         pos_name = (meta.get("train_config") or {}).get("positive_class") or class_names[-1]

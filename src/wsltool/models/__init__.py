@@ -9,13 +9,16 @@
 from __future__ import annotations
 
 from wsltool.models.backbones import available_backbones, build_backbone
+from wsltool.models.ensemble import Ensemble, TestTimeAugmentation, with_tta
 from wsltool.models.minmax import BaselineNet, MinMaxNet, build_model, normalize_per_image, pseudo_binary
 from wsltool.models.wildcat import CamHead, WildcatHead, wildcat_pool
 
 __all__ = [
     "BaselineNet",
     "CamHead",
+    "Ensemble",
     "MinMaxNet",
+    "TestTimeAugmentation",
     "WildcatHead",
     "available_backbones",
     "build_backbone",
@@ -23,4 +26,5 @@ __all__ = [
     "normalize_per_image",
     "pseudo_binary",
     "wildcat_pool",
+    "with_tta",
 ]

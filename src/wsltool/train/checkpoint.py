@@ -5,6 +5,10 @@ File content (``torch.save`` of plain containers only): ``{"format": "wsltool-ch
 ``input_size``, ``method``, ``config`` (the ModelConfig as a dict, including the normalisation), ``train_config``,
 ``wsltool_version``, ``fingerprint`` (SHA-256 of the weights) and free ``extra`` entries.  Loading uses
 ``torch.load(weights_only=True)``: a pickle that would build arbitrary objects is refused.
+
+An *ensemble* checkpoint (:func:`save_ensemble`) has the same layout; its ``meta["ensemble"]`` lists the members
+(``config``, ``fingerprint``, ``source``) and its ``state_dict`` holds ``members.<i>.<key>``; it loads as a
+:class:`wsltool.models.ensemble.Ensemble` whose ``localize`` averages the members'.
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
         kind = (
             "refused: it would execute code or build non-tensor objects"
-            if "weights_only" in str(exc)
+            if "Unsupported global" in str(exc)  # a pickle that names a class or function to call
             else f"corrupt or not a checkpoint ({type(exc).__name__})"
         )
         msg = f"{path}: {kind}"
@@ -179,6 +183,7 @@ def load_checkpoint(
         Unsafe/corrupt file, invalid config, weights that do not fit, or a checkpoint for another task.
     """
     from wsltool.models import build_model
+    from wsltool.models.ensemble import Ensemble
 
     path = Path(path)
     blob = read_checkpoint(path, map_location)
@@ -187,11 +192,15 @@ def load_checkpoint(
     if not isinstance(meta, dict) or not isinstance(sd, dict):
         msg = f"{path}: checkpoint lacks meta or state_dict"
         raise CheckpointError(msg)
-    try:
-        cfg = from_dict(ModelConfig, {**LEGACY_MODEL_FIELDS, **meta["config"], "pretrained": "none"}, source=str(path))
-    except (ConfigError, KeyError, TypeError) as exc:
-        msg = f"{path}: invalid model configuration ({exc})"
-        raise CheckpointError(msg) from exc
+    members = meta.get("ensemble")
+    if members is not None and (not isinstance(members, list) or not members):
+        msg = f"{path}: invalid ensemble member list"
+        raise CheckpointError(msg)
+    cfgs = [_model_config(m.get("config") if isinstance(m, dict) else None, path) for m in members or [meta]]
+    cfg = cfgs[0]
+    if any(c.num_classes != cfg.num_classes for c in cfgs):
+        msg = f"{path}: ensemble members differ in their number of classes"
+        raise CheckpointError(msg)
     names = list(meta.get("class_names") or [])
     if len(names) != cfg.num_classes:
         msg = f"{path}: {len(names)} class names for a {cfg.num_classes}-class model"
@@ -202,7 +211,7 @@ def load_checkpoint(
     if class_names is not None and list(class_names) != names:
         msg = f"{path}: checkpoint classes {names} differ from the task's {list(class_names)}"
         raise CheckpointError(msg)
-    model = build_model(cfg)
+    model: nn.Module = build_model(cfg) if members is None else Ensemble([build_model(c) for c in cfgs])
     try:
         model.load_state_dict(sd)
     except RuntimeError as exc:
@@ -212,6 +221,92 @@ def load_checkpoint(
     meta = dict(meta)
     meta["path"] = str(path)
     return model, meta
+
+
+def _model_config(data: Any, path: Path) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint (legacy fields filled as trained, weights not fetched)."""
+    if not isinstance(data, dict):
+        msg = f"{path}: checkpoint lacks a model configuration"
+        raise CheckpointError(msg)
+    try:
+        return from_dict(ModelConfig, {**LEGACY_MODEL_FIELDS, **data, "pretrained": "none"}, source=str(path))
+    except (ConfigError, KeyError, TypeError) as exc:
+        msg = f"{path}: invalid model configuration ({exc})"
+        raise CheckpointError(msg) from exc
+
+
+def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, Any]:
+    """Combine trained checkpoints into one ensemble checkpoint whose ``localize`` averages theirs.
+
+    Parameters
+    ----------
+    path
+        Destination file (written atomically; never one of ``sources``).
+    sources
+        Two or more checkpoints for the same task: same class names and the same ``mpp`` (slides are read at
+        it).  Members may differ in method, backbone or seed.  An ensemble is not a valid source.
+
+    Returns
+    -------
+    dict
+        The ``meta`` written: the first member's, with ``ensemble`` (one entry per member: ``config``,
+        ``fingerprint``, ``source``, ``train_config``) and the fingerprint of all weights.
+
+    Raises
+    ------
+    CheckpointError
+        Fewer than two sources, an unreadable source, a nested ensemble, or members for different tasks.
+    """
+    path = Path(path)
+    srcs = [Path(s) for s in sources]
+    if len(srcs) < 2:
+        msg = f"{path}: an ensemble needs at least two checkpoints, got {len(srcs)}"
+        raise CheckpointError(msg)
+    if any(s.resolve() == path.resolve() for s in srcs):
+        msg = f"{path}: the ensemble would overwrite one of its members"
+        raise CheckpointError(msg)
+    sd: dict[str, torch.Tensor] = {}
+    entries: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    for i, src in enumerate(srcs):
+        model, meta = load_checkpoint(src)  # validates the file and its weights
+        if "ensemble" in meta:
+            msg = f"{src}: is an ensemble already; combine its members instead"
+            raise CheckpointError(msg)
+        if i == 0:
+            first = meta
+        elif meta["class_names"] != first["class_names"]:
+            msg = f"{src}: classes {meta['class_names']} differ from {srcs[0]}'s {first['class_names']}"
+            raise CheckpointError(msg)
+        elif meta.get("mpp") != first.get("mpp"):
+            msg = f"{src}: trained at {meta.get('mpp')} um/px, {srcs[0]} at {first.get('mpp')} um/px"
+            raise CheckpointError(msg)
+        sd.update({f"members.{i}.{k}": v.detach().cpu() for k, v in model.state_dict().items()})
+        entries.append(
+            {
+                "config": meta["config"],
+                "fingerprint": meta.get("fingerprint"),
+                "source": str(src),
+                "train_config": meta.get("train_config", {}),
+            }
+        )
+    methods = sorted({e["config"].get("method", "minmax") for e in entries})
+    meta = {k: v for k, v in first.items() if k != "path"}
+    meta.update(
+        {
+            "method": methods[0] if len(methods) == 1 else "+".join(methods),
+            "ensemble": entries,
+            "wsltool_version": __version__,
+            "fingerprint": weights_fingerprint(sd),
+            "extra": {"members": len(entries)},
+        }
+    )
+    blob: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return meta
 
 
 def resume_training(
