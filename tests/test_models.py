@@ -390,3 +390,18 @@ def test_minmax_start_trains_the_localizer_alone_before_it() -> None:
     assert float(model.loc_head.conv.weight.grad.abs().sum()) > 0
     late = model.training_losses(xn, y, epoch=2)
     assert {"pos", "neg", "size"} <= set(late)
+
+
+def test_neg_weight_scales_the_max_entropy_term_only() -> None:
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1])
+    totals = []
+    for wneg in (1.0, 0.25, 0.0):
+        torch.manual_seed(0)
+        model = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, neg_weight=wneg)).train()
+        out = model.training_losses(model.normalize(x), y, barrier_t=5.0)
+        torch.testing.assert_close(out["total"], out["loc"] + out["pos"] + wneg * out["neg"] + out["size"])
+        totals.append(out)
+    torch.testing.assert_close(totals[0]["neg"], totals[2]["neg"])  # the term is still measured and logged
+    with pytest.raises(ConfigError, match="neg_weight"):
+        ModelConfig(neg_weight=-1.0)

@@ -405,6 +405,9 @@ class ModelConfig:
         ``"frozen"``: every BatchNorm layer stays in eval mode (pretrained statistics).
     threshold
         Threshold of the normalised M+ for the pixel mask at inference.
+    neg_weight
+        Weight of the max-entropy term on X- in the total loss (1: method.md; 0 leaves the min-entropy side alone,
+        an ablation).
     neg_updates
         What the max-entropy term on X- trains: ``"all"`` (paper: localizer, backbone and classifier) or
         ``"localizer"`` (backbone and classifier parameters held fixed for that term, so the classifier cannot
@@ -441,6 +444,7 @@ class ModelConfig:
     erase_start: int = 1
     bn_mode: typing.Literal["train", "masked_running", "frozen"] = "frozen"
     threshold: float = 0.5
+    neg_weight: float = 1.0
     neg_updates: typing.Literal["all", "localizer"] = "localizer"
     padding: typing.Literal["zeros", "replicate"] = "replicate"
     mean: tuple[float, ...] = ()
@@ -462,6 +466,7 @@ class ModelConfig:
             0 <= self.area_min < self.area_max <= 1,
             f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}",
         )
+        _check(self.neg_weight >= 0, f"ModelConfig.neg_weight must be >= 0, got {self.neg_weight}")
         _check(self.minmax_start >= 0, f"ModelConfig.minmax_start must be >= 0, got {self.minmax_start}")
         _check(self.erase_passes >= 0, f"ModelConfig.erase_passes must be >= 0, got {self.erase_passes}")
         _check(self.erase_sigma > 0, f"ModelConfig.erase_sigma must be > 0, got {self.erase_sigma}")

@@ -306,7 +306,7 @@ class MinMaxNet(_Base):
             loc, npass = ce_loss(first, y), 1
         pos = ce_loss(self.classify(xn * a), y)
         neg = uniform_ce_loss(self.classify(xn * (1 - a), fixed_params=cfg.neg_updates == "localizer"))
-        total = loc + pos + neg
+        total = loc + pos + cfg.neg_weight * neg
         out = {"loc": loc.detach(), "pos": pos.detach(), "neg": neg.detach()}
         if cfg.size_prior != "none" and not detach:
             sz = size_loss(a, barrier_t, cfg.size_prior, cfg.area_min, cfg.area_max)
