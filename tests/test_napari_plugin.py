@@ -271,7 +271,7 @@ def test_localize_end_to_end_cancel_then_resume(
     assert "heat M+ (incomplete)" in inserted  # shown while running, before the last band was written
     assert inserted.index("heat M+ (incomplete)") < inserted.index("heat M+")  # then the finished store
     st = HeatmapStore.open(out)
-    assert st.complete
+    assert st.complete and st.provenance["config"]["tta"] == "none"
     res = w.last_result
     assert res is not None and res["store"] == str(out)
     assert res["predicted"] in ("benign", "malignant") and res["regions"] > 0
@@ -487,6 +487,7 @@ def main(slide, ckpt, out):
     loc.config["workers"] = 0
     loc.model.value = ckpt
     loc.overlap.value = 0
+    loc.tta.value = "flips"
     loc.out.value = out
     loc.run_btn.native.click()   # a ProcessJob (spawned worker process)
     import time
@@ -523,7 +524,8 @@ def test_viewer_process_never_imports_torch(small_slide: Path, checkpoint: Path,
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["torch"] == []
     assert rep["result"] is not None and rep["result"]["store"] == str(out) and rep["rows"] == 1
-    assert HeatmapStore.open(out).complete
+    st = HeatmapStore.open(out)
+    assert st.complete and st.provenance["config"]["tta"] == "flips"  # the widget's view averaging reached it
     assert "nt M+" in rep["layers"]
 
 

@@ -112,6 +112,12 @@ class LocalizeWidget(_JobHost, Container):
         self.mpp = FloatSpinBox(label="input mpp (0 = model)", value=0.0, min=0.0, max=20.0, step=0.05)
         self.region = SpinBox(label="region px (0 = model)", value=0, min=0, max=4096, step=16)
         self.overlap = SpinBox(label="overlap px (-1 = half the region)", value=-1, min=-1, max=2048, step=8)
+        self.tta = ComboBox(
+            label="view averaging",
+            choices=[("none", "none"), ("4 views (flips), 4x time", "flips"), ("8 views (d4), 8x time", "d4")],
+            value="none",
+            tooltip="average each region's maps over flipped/rotated views (test-time augmentation)",
+        )
         self.out = FileEdit(label="output store", mode=FileDialogMode.EXISTING_DIRECTORY)
         self.run_btn = PushButton(text="Localize")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
@@ -127,6 +133,7 @@ class LocalizeWidget(_JobHost, Container):
                 self.mpp,
                 self.region,
                 self.overlap,
+                self.tta,
                 self.out,
                 self.run_btn,
                 self.cancel_btn,
@@ -193,7 +200,7 @@ class LocalizeWidget(_JobHost, Container):
             layer.units = ("micrometer", "micrometer")
             info["mpp_override"] = mpp
         overlap = int(self.overlap.value)
-        cfg: dict[str, Any] = {"overlap": overlap if overlap >= 0 else None, **self.config}
+        cfg: dict[str, Any] = {"overlap": overlap if overlap >= 0 else None, "tta": self.tta.value, **self.config}
         if self.mpp.value:
             cfg["mpp"] = float(self.mpp.value)
         if self.region.value:
