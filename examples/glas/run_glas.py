@@ -119,13 +119,21 @@ def table(root: Path) -> int:
 
 def seeds_table(root: Path, cols: list[str]) -> None:
     """Runs that differ only in their seed, pooled: mean and range of the best checkpoints."""
+    from wsltool.config import ModelConfig, TrainConfig, to_dict
     from wsltool.train.checkpoint import LEGACY_MODEL_FIELDS  # fields a run from before they existed lacks
 
+    # a field a run lacks had its legacy value (or, for fields added with a behaviour-preserving default, the
+    # default); fields that no longer exist, and min-max-only fields of the baselines, do not separate runs
+    mdef, tdef = to_dict(ModelConfig()), to_dict(TrainConfig())
     groups: dict[str, list[dict]] = {}
     for p in sorted(root.glob("*/result.json")):
         r = json.loads(p.read_text())
-        train = {k: v for k, v in r["train"].items() if k not in ("seed", "num_threads")}
-        key = json.dumps([{**LEGACY_MODEL_FIELDS, **r["model"]}, train], sort_keys=True)
+        model = {k: v for k, v in {**mdef, **LEGACY_MODEL_FIELDS, **r["model"]}.items() if k in mdef}
+        if model["method"] != "minmax":
+            for k in ("minmax_start", "neg_weight", "neg_updates"):
+                model.pop(k)
+        train = {k: v for k, v in {**tdef, **r["train"]}.items() if k in tdef and k not in ("seed", "num_threads")}
+        key = json.dumps([model, train], sort_keys=True)
         groups.setdefault(key, []).append(r)
     print("\nOver seeds (best checkpoint): mean [min, max]")
     print("| runs | seeds | " + " | ".join(cols) + " |")
