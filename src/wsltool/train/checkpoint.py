@@ -139,7 +139,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
         kind = (
             "refused: it would execute code or build non-tensor objects"
-            if "Unsupported global" in str(exc)  # a pickle that names a class or function to call
+            if "global" in str(exc).lower()  # "Unsupported global" / "unsupported GLOBAL x.y": names code to run
             else f"corrupt or not a checkpoint ({type(exc).__name__})"
         )
         msg = f"{path}: {kind}"
