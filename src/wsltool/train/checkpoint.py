@@ -114,12 +114,16 @@ def save_checkpoint(
     blob: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
     if train_state is not None:
         blob["train_state"] = train_state
-    path = Path(path)
+    _save_atomic(blob, Path(path))
+    return meta
+
+
+def _save_atomic(blob: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
-    return meta
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -301,11 +305,7 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
             "extra": {"members": len(entries)},
         }
     )
-    blob: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    _save_atomic({"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}, path)
     return meta
 
 
