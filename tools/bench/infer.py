@@ -11,6 +11,8 @@ subprocess so peak RSS (process tree: main + reader workers) is not polluted by 
 4. The anchors' TIAToolbox setting (16000x12000, 40% tissue, 512 px at 0.5 mpp, ResNet-18, batch 8, 2 workers):
    our end-to-end patches/s with the stitched multiscale store written, next to TIAToolbox's 6.84 measured on
    this kind of machine (shared/anchors.md).
+5. What averaging costs on a slide: end-to-end wall with test-time augmentation (``flips``, ``d4``) and with a
+   two-member ensemble, each against one model without augmentation, side by side in one run.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def main() -> None:
     ap.add_argument("--ckpt")
     ap.add_argument("--cfg", default="{}")
     ap.add_argument("--quick", action="store_true", help="smaller slides (a smoke run of the script)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: overhead,rss,naive,anchor")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: overhead,rss,naive,anchor,averaging")
     a = ap.parse_args()
     if a.mode != "main":
         print(json.dumps(MODES[a.mode](a.slide, a.ckpt, json.loads(a.cfg))))
@@ -278,6 +280,24 @@ def main() -> None:
             f"(TIAToolbox SemanticSegmentor measured here: 6.84; ratio {r['regions'] / r['wall'] / 6.84:.2f}); "
             f"peak {r['rss_mb']:.0f} MB (TIAToolbox 5.7 GB); store {r['store_mb']:.1f} MB (TIAToolbox 378 MB)"
         )
+    if "averaging" not in skip:
+        from wsltool.train.checkpoint import save_ensemble
+
+        ens = OUT / "effnet_lite0_128_x2.pt"
+        if not ens.exists():
+            save_ensemble(ens, [ck, checkpoint("effnet_lite0_128_s1", input_size=256, mpp=1.0, seed=1)])
+        cfg_v = {**cfg, "mpp": 2.0}
+        base = sub("e2e", mid, ck, {**cfg_v, "_rss": False})
+        print(
+            f"5. averaging on {mid.name} (256 px at 2 um/px, {base['regions']} regions): one model {base['wall']:.1f} s"
+        )
+        for name, model, extra in (
+            ("tta flips (4 views)", ck, {"tta": "flips"}),
+            ("tta d4 (8 views)", ck, {"tta": "d4"}),
+            ("ensemble of 2", ens, {}),
+        ):
+            r = sub("e2e", mid, model, {**cfg_v, **extra, "_rss": False})
+            print(f"   {name}: {r['wall']:.1f} s, {r['wall'] / base['wall']:.2f}x one model")
 
 
 if __name__ == "__main__":
