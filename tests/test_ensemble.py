@@ -166,3 +166,26 @@ def test_slide_inference_with_tta_and_an_ensemble(tmp_path: Path) -> None:
     a, b = plain.mplus(0).astype(np.float64), tta.mplus(0).astype(np.float64)
     assert a.shape == b.shape and a.std() > 0.1
     assert np.abs(a - b).max() < 2e-3
+
+
+def test_ensemble_checkpoint_runs_slide_inference_like_its_member(tmp_path: Path) -> None:
+    """A real ensemble file through ``infer_slide`` (load, BatchNorm folding, autocast path): two copies of one
+    model give that model's heatmap; the provenance names the ensemble."""
+    rng = np.random.default_rng(0)
+    base = np.array([180.0, 60.0, 170.0])  # H&E pink-purple everywhere: all tissue, with texture for the model
+    img = np.clip(base + rng.normal(0, 25, (512, 640, 3)), 0, 255).astype(np.uint8)
+    slide = write_svs(tmp_path / "s.svs", img, mpp=0.5, compression="none", factors=(2,))
+    one = make_checkpoint(tmp_path / "one.pt", input_size=64, mpp=1.0, **TINY)
+    two = tmp_path / "copy.pt"
+    two.write_bytes(one.read_bytes())
+    ens = tmp_path / "ens.pt"
+    save_ensemble(ens, [one, two])
+    cfg = InferConfig(mpp=1.0, out_factor=4, workers=0, chunk=32, min_tissue=0.0)
+    a = HeatmapStore.open(infer_slide(slide, tmp_path / "a.zarr", str(one), cfg).store)
+    b = HeatmapStore.open(infer_slide(slide, tmp_path / "b.zarr", str(ens), cfg).store)
+    assert b.provenance["model"]["path"] == str(ens) and b.provenance["model"]["method"] == "minmax"
+    assert b.provenance["model"]["fingerprint"] != a.provenance["model"]["fingerprint"]
+    ma, mb = a.mplus(0).astype(np.float64), b.mplus(0).astype(np.float64)
+    assert ma.shape == mb.shape and ma.std() > 0.01
+    assert np.abs(ma - mb).max() < 2e-3
+    np.testing.assert_allclose(a.result["probs"], b.result["probs"], atol=1e-4)
