@@ -159,6 +159,11 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
         rows.append(json.loads(capsys.readouterr().out))
     assert rows[0]["n"] == rows[1]["n"] == 6
     assert rows[0]["pixel_auc"] != rows[1]["pixel_auc"]  # the views really were averaged
-    rc = main(["train", "--labels", str(csv), "--out", str(tmp_path / "x"), "--seeds", "1", *common])
-    err = capsys.readouterr().err
-    assert rc != 0 and "--seeds expects two or more distinct integers" in err and len(err.strip().splitlines()) == 1
+    for bad, words in (
+        (["--seeds", "1"], "--seeds expects two or more distinct integers"),
+        (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),
+    ):
+        rc = main(["train", "--labels", str(csv), "--out", str(tmp_path / "x"), *bad, *common])
+        err = capsys.readouterr().err
+        assert rc != 0 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     model_cfg = from_dict(ModelConfig, mdata, source="model config")
     train_cfg = from_dict(TrainConfig, tdata, source="train config")
     seeds = _parse_seeds(args.seeds)
+    if seeds and args.seed is not None:
+        msg = "--seed and --seeds exclude each other (--seeds sets each member's seed)"
+        raise ConfigError(msg)
     if _has_slides(items):
         if seeds:
             msg = (
