@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_cuda_amp_matches_cpu(tmp_path: Path) -> None:
     c = he_tissue(1024, 1024, seed=2, lesion_fraction=0.2)
-    slide = write_svs(tmp_path / "s.svs", c.rgb, factors=(4,))
+    # uncompressed: no codec noise, and no imagecodecs needed on the GPU machine
+    slide = write_svs(tmp_path / "s.svs", c.rgb, factors=(4,), compression="none")
     ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
     base = {"mpp": 1.0, "overlap": 32, "out_factor": 4, "workers": 2, "chunk": 64}
     cpu = infer_slide(slide, tmp_path / "cpu.zarr", str(ckpt), InferConfig(device="cpu", **base))
@@ -27,3 +28,36 @@ def test_cuda_amp_matches_cpu(tmp_path: Path) -> None:
     a, b = HeatmapStore.open(cpu.store).mplus(0), HeatmapStore.open(gpu.store).mplus(0)
     assert np.abs(a.astype(float) - b.astype(float)).mean() < 0.02  # bfloat16/float16 autocast vs float32
     assert np.allclose(cpu.probs, gpu.probs, atol=0.02)
+
+
+def test_cuda_amp_training_localizes_and_loads_on_cpu(tmp_path: Path) -> None:
+    """Training on the GPU under autocast (bfloat16 where supported) learns the same task as the CPU test in
+    test_train_fit, and its checkpoint, loaded on the CPU, localizes there."""
+    from test_train_fit import CLASSES, TINY, make_squares
+    from wsltool.config import ModelConfig, TrainConfig
+    from wsltool.evaluate import evaluate
+    from wsltool.train.checkpoint import load_checkpoint
+    from wsltool.train.loop import fit
+
+    train = make_squares(tmp_path / "d", 24, 0)
+    valid = make_squares(tmp_path / "d", 8, 1)
+    mc = ModelConfig(
+        **TINY,
+        kmax=0.1,
+        head_dropout=0.0,
+        size_prior="range",
+        area_min=0.05,
+        area_max=0.5,
+        sigma=0.5,
+        w=8.0,
+        bn_mode="masked_running",
+    )
+    tc = TrainConfig(epochs=14, batch_size=8, crop=128, lr=3e-3, backbone_lr_mult=1.0, color_jitter=0.0, amp=True)
+    res = fit(train, valid, CLASSES, mc, tc, tmp_path / "out", progress=False, device="cuda")
+    assert all(np.isfinite(h["total"]) for h in res.history)
+    model, meta = load_checkpoint(res.last, class_names=CLASSES)  # onto the CPU
+    assert next(model.parameters()).device.type == "cpu"
+    _, s = evaluate(model, valid, CLASSES)
+    assert s["f1_pos"] >= 80, s
+    assert s["pixel_auc"] > 90, s
+    assert meta["class_names"] == CLASSES

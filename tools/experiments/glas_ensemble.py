@@ -39,9 +39,11 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--tta", default="d4", choices=["flips", "d4"], help="augmentation compared with none")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     valid = []
     for it in glas_items(args.data, work_dir=args.work):
@@ -67,13 +69,14 @@ def main() -> int:
     maps: dict[str, list[list[np.ndarray]]] = {"none": [], args.tta: []}
     for path in args.models:
         model, _ = load_checkpoint(path, class_names=GLAS_CLASSES)
+        model = model.to(dev)
         for mode in maps:
             net = with_tta(model, mode)
             per = []
             for img, _ in valid:
-                x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
+                x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].to(dev)
                 with torch.inference_mode():
-                    per.append(net.localize(x)["mplus"][0].numpy().astype(np.float64))
+                    per.append(net.localize(x)["mplus"][0].float().cpu().numpy().astype(np.float64))
             maps[mode].append(per)
             print(f"{path}  tta {mode:5s}  {fmt(score(per))}", flush=True)
     n = len(args.models)

@@ -42,8 +42,13 @@ def write_large_svs(
     mpp: float = 0.5,
     seed: int = 0,
     factors: tuple[int, ...] = (4, 16, 64),
+    compression: str = "jpeg",
 ) -> NDArray[np.bool_]:
-    """Write an Aperio-style JPEG SVS of ``width x height`` px, tile by tile; returns the 1/16 tissue mask."""
+    """Write an Aperio-style SVS of ``width x height`` px, tile by tile; returns the 1/16 tissue mask.
+
+    ``compression`` is ``"jpeg"`` (Q80, like scanners; needs imagecodecs) or ``"none"`` (for machines without
+    imagecodecs, e.g. the lent GPU machine; openslide reads both).
+    """
     import tifffile
 
     path = Path(path)
@@ -70,13 +75,14 @@ def write_large_svs(
                     tex = np.asarray(downsample(np.tile(tex, (min(f, 4), min(f, 4), 1)), min(f, 4)))
                 yield np.where(m[..., None], tex, glass)
 
-    kw: dict[str, Any] = {
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": {"level": 80},
-        "metadata": None,
-    }
-    desc0 = f"{_HDR}{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) JPEG/RGB Q=80|AppMag = 20|MPP = {mpp:g}"
+    if compression not in ("jpeg", "none"):
+        msg = f"compression must be 'jpeg' or 'none', got {compression!r}"
+        raise ValueError(msg)
+    kw: dict[str, Any] = {"photometric": "rgb", "metadata": None}
+    if compression == "jpeg":
+        kw.update(compression="jpeg", compressionargs={"level": 80})
+    codec = "JPEG/RGB Q=80" if compression == "jpeg" else "RAW/RGB"
+    desc0 = f"{_HDR}{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) {codec}|AppMag = 20|MPP = {mpp:g}"
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**32) as tw:
         tw.write(
             level_tiles(1),
@@ -99,7 +105,7 @@ def write_large_svs(
                 dtype=np.uint8,
                 tile=(TILE, TILE),
                 subfiletype=0,
-                description=f"{_HDR}{width}x{height} -> {lw}x{lh} JPEG/RGB Q=80",
+                description=f"{_HDR}{width}x{height} -> {lw}x{lh} {codec}",
                 maxworkers=2,
                 **kw,
             )

