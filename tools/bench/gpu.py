@@ -6,15 +6,16 @@ uncompressed (``write_large_svs(compression="none")``) so the script also runs w
 
 1. Model alone, the inference network exactly as ``infer_slide`` prepares it (BatchNorm folded): regions/s at
    512 px for ResNet-18 (the anchors' setting) and the default EfficientNet-Lite0 (stride 16), float32 NCHW,
-   float32 channels_last, bfloat16 / float16 autocast channels_last, batch 8 and 64; the relative error
+   float32 channels_last, bfloat16 / float16 autocast in both layouts (and with cudnn.benchmark), batch 8 and
+   64; the relative error
    ||maps - ref|| / ||ref|| of the localizer's class maps against float32 NCHW on the same inputs (random
    pixels, never zeros). Not M+: per-image min-max normalisation of an untrained network's nearly flat map
    amplifies 3e-7 float32 differences into 0.2 (measured on CPU).
 2. Training step of the default min-max model (three passes: X, X+, X-): images/s, float32 vs bfloat16
    autocast, with and without channels_last, at the GlaS budget (batch 8, 224 px) and a GPU budget (32, 384 px).
 3. End to end: ``infer_slide`` on the anchors' slide size (16000 x 12000, 40 % tissue, 512 px at 0.5 um/px)
-   with 2 and 8 reader workers, batch 8 and 32: regions/s, and its ratio to the model-alone rate (how much of
-   the time the GPU is fed).
+   with 2 and 8 reader workers, batch 8 and 32, channels_last and NCHW (``wsltool.infer.run.MEMORY_FORMAT``):
+   regions/s, and its ratio to the best model-alone rate (how much of the time the GPU is fed).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def model_alone(dev: Any, quick: bool) -> list[dict[str, Any]]:
         "lite0": {"backbone": "efficientnet_lite0", "head_conv": True},
     }
     cuda = dev.type == "cuda"
-    modes = [("fp32", False, None), ("fp32", True, None)]
+    modes: list[tuple[str, bool, Any, bool]] = [("fp32", False, None, False), ("fp32", True, None, False)]
     if cuda:
-        modes += [("bf16", True, torch.bfloat16), ("fp16", True, torch.float16)]
+        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            modes += [(label, False, dtype, False), (label, True, dtype, False)]
+        modes += [("bf16", False, torch.bfloat16, True), ("bf16", True, torch.bfloat16, True)]
     batches = (8, 64) if cuda and not quick else (8,)
     reps = (3 if quick else 10) if cuda else 2
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +85,8 @@ def model_alone(dev: Any, quick: bool) -> list[dict[str, Any]]:
                 x_nchw = x_cpu.to(dev)
                 x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
                 ref = None
-                for label, cl, dtype in modes:
+                for label, cl, dtype, tuned in modes:
+                    torch.backends.cudnn.benchmark = tuned
                     net = net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
                     x = x_cl if cl else x_nchw
 
@@ -97,16 +101,19 @@ def model_alone(dev: Any, quick: bool) -> list[dict[str, Any]]:
                         {
                             "net": name,
                             "batch": b,
-                            "mode": f"{label}{' channels_last' if cl else ' NCHW'}",
+                            "mode": label
+                            + (" channels_last" if cl else " NCHW")
+                            + (" cudnn.benchmark" if tuned else ""),
                             "regions_s": b / t,
                             "rel_err": float((m - ref).norm() / ref.norm()),
                         }
                     )
                     print(
-                        f"  {name:8s} batch {b:3d} {rows[-1]['mode']:20s} {rows[-1]['regions_s']:8.1f} regions/s"
+                        f"  {name:8s} batch {b:3d} {rows[-1]['mode']:36s} {rows[-1]['regions_s']:8.1f} regions/s"
                         f"   rel. error of the class maps vs fp32 NCHW {rows[-1]['rel_err']:.1e}",
                         flush=True,
                     )
+            torch.backends.cudnn.benchmark = False
             del net
             if cuda:
                 torch.cuda.empty_cache()
@@ -125,7 +132,7 @@ def train_step(dev: Any, quick: bool) -> list[dict[str, Any]]:
     settings = [(8, 224)] + ([(32, 384)] if cuda and not quick else [])
     modes: list[tuple[str, bool, Any]] = [("fp32", False, None)]
     if cuda:
-        modes += [("bf16", False, torch.bfloat16), ("bf16", True, torch.bfloat16)]
+        modes += [("fp32", True, None), ("bf16", False, torch.bfloat16), ("bf16", True, torch.bfloat16)]
     for b, crop in settings:
         for label, cl, dtype in modes:
             torch.manual_seed(0)
@@ -169,8 +176,14 @@ def end_to_end(dev: Any, quick: bool, alone: list[dict[str, Any]]) -> list[dict[
         write_large_svs(tmp, w, h, tissue_fraction=0.4, seed=11, compression="none")
         tmp.replace(sl)
         print(f"  generated {sl.name} ({sl.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
+    import wsltool.infer.run as run_mod
+
     cuda = dev.type == "cuda"
-    combos = [(2, 8), (8, 32)] if cuda and not quick else [(2, 8)]
+    combos = (
+        [(2, 8, "channels_last"), (8, 32, "channels_last"), (8, 32, "contiguous")]
+        if cuda and not quick
+        else [(2, 8, "channels_last")]
+    )
     rows: list[dict[str, Any]] = []
     for name, kw in (
         ("resnet18", {"backbone": "resnet18", "output_stride": 32}),
@@ -179,21 +192,22 @@ def end_to_end(dev: Any, quick: bool, alone: list[dict[str, Any]]) -> list[dict[
         ck = OUT / f"gpu_{name}_512.pt"
         if not ck.exists():
             make_checkpoint(ck, input_size=512, mpp=0.5, **kw)  # type: ignore[arg-type]
-        for workers, batch in combos:
+        for workers, batch, layout in combos:
+            run_mod.MEMORY_FORMAT[dev.type] = layout
             cfg = InferConfig(
                 mpp=0.5, region=512, overlap=0, out_factor=8, batch_size=batch, workers=workers, device=dev.type
             )
             with tempfile.TemporaryDirectory() as tmp:
                 res = infer_slide(sl, Path(tmp) / "h.zarr", str(ck), cfg)
             rate = res.regions / res.seconds
-            mode = "bf16 channels_last" if cuda else "fp32 channels_last"
-            ref = [r["regions_s"] for r in alone if r["net"] == name and r["mode"] == mode]
+            ref = [r["regions_s"] for r in alone if r["net"] == name]
             fed = rate / max(ref) if ref else float("nan")
             rows.append(
                 {
                     "net": name,
                     "workers": workers,
                     "batch": batch,
+                    "layout": layout,
                     "regions": res.regions,
                     "seconds": res.seconds,
                     "regions_s": rate,
@@ -202,8 +216,9 @@ def end_to_end(dev: Any, quick: bool, alone: list[dict[str, Any]]) -> list[dict[
                 }
             )
             print(
-                f"  {name:8s} {workers} readers batch {batch:2d}: {res.regions} regions in {res.seconds:5.1f} s = "
-                f"{rate:6.1f} regions/s ({100 * fed:.0f} % of the model alone at its best batch)",
+                f"  {name:8s} {workers} readers batch {batch:2d} {layout:13s}: {res.regions} regions in "
+                f"{res.seconds:5.1f} s = {rate:6.1f} regions/s ({100 * fed:.0f} % of the model alone at its best)"
+                f"  stages {', '.join(f'{k} {v:.1f}' for k, v in res.timings.items())}",
                 flush=True,
             )
     return rows

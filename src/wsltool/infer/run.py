@@ -82,6 +82,20 @@ class InferResult:
         )
 
 
+#: Memory layout of the network and its input per device type.  channels_last is faster on CPU (2 cores:
+#: Lite0 7.3 vs 4.1, ResNet-18 6.8 vs 5.4 regions/s; tools/bench/gpu.py); the CUDA entry is set from the same
+#: benchmark on the GPU (README, "GPU path").  tools/bench/gpu.py overrides it to compare both end to end.
+MEMORY_FORMAT: dict[str, str] = {"cpu": "channels_last", "cuda": "channels_last"}
+
+
+def memory_format(device: Any) -> Any:
+    """The ``torch.memory_format`` the network runs in on ``device`` (see :data:`MEMORY_FORMAT`)."""
+    import torch
+
+    name = MEMORY_FORMAT.get(torch.device(device).type, "channels_last")
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 def resolve_device(name: str) -> Any:
     """``"auto"`` -> CUDA when available else CPU; validates explicit CUDA requests."""
     import torch
@@ -116,7 +130,7 @@ def _load_model(model: Any, device: Any) -> tuple[Any, dict[str, Any]]:
     net = net.eval()
     if isinstance(net, torch.nn.Module):
         fuse_batchnorm(net)  # inference only: BatchNorm folded into the convolutions (same outputs)
-    net = net.to(device).to(memory_format=torch.channels_last)
+    net = net.to(device).to(memory_format=memory_format(device))
     return net, dict(meta)
 
 
@@ -333,13 +347,14 @@ def infer_slide(
             use_amp = cfg.amp and device.type == "cuda"
             amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
             out_size = (region // f, region // f)
+            fmt = memory_format(device)
             done = n_total - n_todo
             with torch.inference_mode():
                 for x, info in loader:
                     if cancel is not None and cancel.is_set():
                         msg = f"{slide_path}: cancelled; run again to resume"
                         raise InferCancelledError(msg)
-                    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         out = net.localize(x, size=out_size)
                     maps = region_maps(out, pos).cpu().numpy()
