@@ -11,23 +11,51 @@ import torch
 from wsltool.config import InferConfig
 from wsltool.infer.run import infer_slide
 from wsltool.store import HeatmapStore
-from wsltool.testing import he_tissue, write_svs
-from wsltool.testing.models import make_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_cuda_amp_matches_cpu(tmp_path: Path) -> None:
-    c = he_tissue(1024, 1024, seed=2, lesion_fraction=0.2)
-    # uncompressed: no codec noise, and no imagecodecs needed on the GPU machine
-    slide = write_svs(tmp_path / "s.svs", c.rgb, factors=(4,), compression="none")
-    ckpt = make_checkpoint(tmp_path / "m.pt", input_size=128)
-    base = {"mpp": 1.0, "overlap": 32, "out_factor": 4, "workers": 2, "chunk": 64}
-    cpu = infer_slide(slide, tmp_path / "cpu.zarr", str(ckpt), InferConfig(device="cpu", **base))
-    gpu = infer_slide(slide, tmp_path / "gpu.zarr", str(ckpt), InferConfig(device="cuda", amp=True, **base))
-    a, b = HeatmapStore.open(cpu.store).mplus(0), HeatmapStore.open(gpu.store).mplus(0)
-    assert np.abs(a.astype(float) - b.astype(float)).mean() < 0.02  # bfloat16/float16 autocast vs float32
-    assert np.allclose(cpu.probs, gpu.probs, atol=0.02)
+def test_cuda_inference_matches_cpu_on_a_gpu_trained_model(tmp_path: Path) -> None:
+    """A slide model trained on the GPU; its heatmap from the GPU (float16 autocast, NCHW) equals the CPU's
+    (float32, channels_last) within rounding, and so do the mask and the slide result.
+
+    A trained model, not a random one: an untrained network's maps are nearly flat, and the per-region min-max
+    normalisation of M+ turns 1e-7 differences into 0.2 (measured; tools/bench/gpu.py).
+    """
+    from wsltool.config import MilConfig, ModelConfig, TrainConfig
+    from wsltool.testing.cohort import make_cohort
+    from wsltool.train.labels import read_labels
+    from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, fit_slides
+
+    make_cohort(tmp_path / "c", {"train": (2, 2), "test": (0, 1)}, size=(768, 1024), seed=21, lesion_range=(0.25, 0.3))
+    items = read_labels(tmp_path / "c" / "slides.csv")
+    train = [i for i in items if i.split == "train"]
+    (test,) = [i for i in items if i.split == "test"]
+    fit = fit_slides(
+        train,
+        [],
+        ["benign", "malignant"],
+        ModelConfig(**SLIDE_MODEL_DEFAULTS),
+        TrainConfig(epochs=20, batch_size=8, schedule="constant", warmup_epochs=0, seed=0),
+        MilConfig(mpp=1.0, region=128, top_k=4, n_random=4, score_cap=32, warmup_epochs=1),
+        tmp_path / "m",
+        progress=False,
+        device="cuda",
+    )
+    base = {"overlap": 32, "out_factor": 4, "workers": 2, "chunk": 64}
+    cpu = infer_slide(test.path, tmp_path / "cpu.zarr", str(fit.best), InferConfig(device="cpu", **base))
+    gpu = infer_slide(test.path, tmp_path / "gpu.zarr", str(fit.best), InferConfig(device="cuda", amp=True, **base))
+    a, b = HeatmapStore.open(cpu.store), HeatmapStore.open(gpu.store)
+    tissue = a.tissue(0) > 0
+    d = np.abs(a.mplus(0).astype(float) - b.mplus(0).astype(float))[tissue]
+    ma, mb = a.mask(0).astype(bool), b.mask(0).astype(bool)
+    agree = 2 * (ma & mb).sum() / max(1, ma.sum() + mb.sum())
+    contrast = float(np.std(a.mplus(0)[tissue]))
+    print(f"mean |dM+| {d.mean():.4f}, max {d.max():.3f}, mask Dice CPU vs GPU {agree:.3f}, M+ std {contrast:.3f}")
+    assert contrast > 0.1  # a map with real contrast, so the comparison means something
+    assert d.mean() < 0.02
+    assert agree >= 0.9
+    assert np.allclose(cpu.probs, gpu.probs, atol=0.02) and cpu.predicted == gpu.predicted
 
 
 @pytest.mark.parametrize("amp", [True, False], ids=["autocast", "fp32"])

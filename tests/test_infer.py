@@ -308,3 +308,49 @@ def test_read_only_and_full_disk(tmp_path: Path, ramp_slide: Path) -> None:
     finally:
         for m in mounted:
             subprocess.run(["umount", str(m)], check=False)
+
+
+def test_float16_overflow_is_recomputed_in_float32() -> None:
+    """Inference autocast is float16 (faster and closer to float32 than bfloat16 on the GPU); a batch whose
+    outputs overflow float16 is recomputed without autocast, and a finite one is not.  Runs on the CPU, where
+    torch's autocast takes float16 too."""
+    import torch
+
+    from wsltool.infer.run import localize_batch
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self, overflow: bool) -> None:
+            super().__init__()
+            self.overflow = overflow
+            self.calls: list[bool] = []
+
+        def localize(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+            under = torch.is_autocast_enabled("cpu")
+            self.calls.append(under)
+            v = torch.full((x.shape[0], 1, *size), 7.0e4 if under and self.overflow else 0.25)
+            v = v.to(torch.get_autocast_dtype("cpu") if under else torch.float32)  # 7e4 -> inf in float16
+            return {"mplus": v[:, 0], "class_maps": v, "probs": torch.full((x.shape[0], 2), 0.5)}
+
+    x = torch.zeros(2, 3, 8, 8)
+    bad = Overflowing(True)
+    with torch.autocast("cpu", enabled=False):
+        out, redone = localize_batch(bad, x, (4, 4), amp=True)
+    assert redone and bad.calls == [True, False]
+    assert torch.isfinite(out["class_maps"]).all() and out["class_maps"].dtype == torch.float32
+    good = Overflowing(False)
+    out, redone = localize_batch(good, x, (4, 4), amp=True)
+    assert not redone and good.calls == [True] and float(out["mplus"][0, 0, 0]) == 0.25
+    plain = Overflowing(True)
+    out, redone = localize_batch(plain, x, (4, 4), amp=False)
+    assert not redone and plain.calls == [False]
+
+
+def test_memory_format_per_device_type() -> None:
+    """channels_last on the CPU (faster there), NCHW on CUDA (cuDNN's depthwise convolutions, the default
+    Lite0's, ran 2x slower in channels_last on an H200: README "GPU path")."""
+    import torch
+
+    from wsltool.infer.run import memory_format
+
+    assert memory_format("cpu") == torch.channels_last
+    assert memory_format(torch.device("cuda", 0)) == torch.contiguous_format
