@@ -1,4 +1,5 @@
-"""GPU path (skipped without CUDA): mixed precision + channels_last inference agrees with the CPU result."""
+"""GPU path (skipped without CUDA): GPU training (autocast and float32) localizes; float16 NCHW inference on the
+GPU agrees with float32 channels_last inference on the CPU.  Run on a lent GPU by tools/device_check.sh."""
 
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ def test_cuda_inference_matches_cpu_on_a_gpu_trained_model(tmp_path: Path) -> No
     from wsltool.train.labels import read_labels
     from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, fit_slides
 
-    make_cohort(tmp_path / "c", {"train": (2, 2), "test": (0, 1)}, size=(768, 1024), seed=21, lesion_range=(0.25, 0.3))
+    make_cohort(  # uncompressed: the lent GPU machine has no imagecodecs (tools/device_check.sh)
+        tmp_path / "c",
+        {"train": (2, 2), "test": (0, 1)},
+        size=(768, 1024),
+        seed=21,
+        lesion_range=(0.25, 0.3),
+        compression="none",
+    )
     items = read_labels(tmp_path / "c" / "slides.csv")
     train = [i for i in items if i.split == "train"]
     (test,) = [i for i in items if i.split == "test"]

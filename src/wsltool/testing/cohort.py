@@ -38,6 +38,7 @@ def make_cohort(
     mpp: float = 0.5,
     seed: int = 0,
     lesion_range: tuple[float, float] = (0.05, 0.3),
+    compression: str = "jpeg",
 ) -> list[CohortEntry]:
     """Write a cohort of SVS slides and ``<split>.csv`` label files.
 
@@ -56,6 +57,8 @@ def make_cohort(
         Base seed; slide ``i`` uses ``seed * 1000 + i``.
     lesion_range
         Range of the lesion fraction of the tissue on malignant slides.
+    compression
+        ``"jpeg"`` (like scanners; needs imagecodecs) or ``"none"`` (where imagecodecs is absent).
 
     Returns
     -------
@@ -74,7 +77,7 @@ def make_cohort(
                     size[0], size[1], seed=seed * 1000 + i, n_blobs=int(rng.integers(2, 4)), lesion_fraction=frac
                 )
                 name = f"{split}_{i:03d}_{label}"
-                p = write_svs(out / f"{name}.svs", c.rgb, mpp=mpp, factors=(4, 16))
+                p = write_svs(out / f"{name}.svs", c.rgb, mpp=mpp, factors=(4, 16), compression=compression)
                 lm, tm = out / f"{name}_lesion.png", out / f"{name}_tissue.png"
                 Image.fromarray(c.lesion.astype(np.uint8) * 255).save(lm)
                 Image.fromarray(c.tissue.astype(np.uint8) * 255).save(tm)
