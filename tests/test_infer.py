@@ -354,3 +354,25 @@ def test_memory_format_per_device_type() -> None:
 
     assert memory_format("cpu") == torch.channels_last
     assert memory_format(torch.device("cuda", 0)) == torch.contiguous_format
+
+
+def test_float16_batch_path_with_a_real_model_and_views() -> None:
+    """The autocast branch of ``localize_batch`` (taken on the GPU) with a real network wrapped in 8-view
+    test-time augmentation, run here under the CPU's float16 autocast: every output is checked for
+    finiteness (all are tensors), nothing is redone, and the class maps stay close to float32."""
+    import torch
+
+    from wsltool.config import ModelConfig
+    from wsltool.infer.run import localize_batch
+    from wsltool.models import build_model, with_tta
+
+    torch.manual_seed(0)
+    net = with_tta(build_model(ModelConfig(backbone="tiny", pretrained="none", output_stride=8)).eval(), "d4")
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        half, redone = localize_batch(net, x, (16, 16), amp=True)
+        full, _ = localize_batch(net, x, (16, 16), amp=False)
+    assert not redone and set(half) == {"probs", "mplus", "class_maps"}
+    rel = float((half["class_maps"].float() - full["class_maps"]).norm() / full["class_maps"].norm())
+    assert 0 < rel < 1e-2  # float16 rounding happened, and stayed small
+    assert torch.allclose(half["probs"].float(), full["probs"], atol=1e-3)

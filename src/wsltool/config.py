@@ -244,7 +244,7 @@ class InferConfig:
     device
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
     amp
-        Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.
+        float16 autocast on CUDA (a batch that overflows float16 is redone in float32); ignored on CPU.
     min_tissue
         Regions with less tissue than this fraction are skipped.
     tissue_mpp
@@ -513,7 +513,9 @@ class TrainConfig:
     num_threads
         torch CPU threads (0 = torch default).
     amp
-        Mixed precision (bfloat16/float16 autocast) on CUDA.
+        bfloat16 autocast (float16 with loss scaling where bfloat16 is unsupported) on CUDA, for image
+        training; slide training runs in float32.  On an H200 it did not speed up the default Lite0 model
+        (README, "GPU path").
     workers
         DataLoader worker processes.
     eval_every

@@ -9,8 +9,9 @@ slide size.
 
 With ``batch_size`` set (what :func:`make_loader` does), each worker assembles whole batches: the
 regions are stacked as ``(B, H, W, 3)`` (one plain copy) and handed on as an NCHW *view* in
-``channels_last`` layout, the layout the model runs in, so no worker pays for a strided HWC->CHW
-transpose and the DataLoader does no per-sample collation.
+``channels_last`` layout, the layout the model runs in on the CPU, so no worker pays for a strided HWC->CHW
+transpose and the DataLoader does no per-sample collation (on CUDA the model runs NCHW and the transpose
+happens on the GPU after the copy: ``wsltool.infer.run.MEMORY_FORMAT``).
 """
 
 from __future__ import annotations
