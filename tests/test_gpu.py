@@ -74,25 +74,15 @@ def test_cuda_training_localizes_and_loads_on_cpu(tmp_path: Path, amp: bool) -> 
     GPU kernels are not bitwise deterministic and bfloat16 rounds, so the run is longer than the CPU test's (20
     epochs, not 14) and the bar a little lower (F1+ 75, not 80; measured on an H200: 77 after 14 epochs).
     """
-    from test_train_fit import CLASSES, TINY, make_squares
-    from wsltool.config import ModelConfig, TrainConfig
+    from test_train_fit import CLASSES, make_squares, squares_model
+    from wsltool.config import TrainConfig
     from wsltool.evaluate import evaluate
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.loop import fit
 
     train = make_squares(tmp_path / "d", 24, 0)
     valid = make_squares(tmp_path / "d", 8, 1)
-    mc = ModelConfig(
-        **TINY,
-        kmax=0.1,
-        head_dropout=0.0,
-        size_prior="range",
-        area_min=0.05,
-        area_max=0.5,
-        sigma=0.5,
-        w=8.0,
-        bn_mode="masked_running",
-    )
+    mc = squares_model()
     tc = TrainConfig(epochs=20, batch_size=8, crop=128, lr=3e-3, backbone_lr_mult=1.0, color_jitter=0.0, amp=amp)
     res = fit(train, valid, CLASSES, mc, tc, tmp_path / "out", progress=False, device="cuda")
     assert all(np.isfinite(h["total"]) for h in res.history)

@@ -46,12 +46,10 @@ def make_squares(root: Path, n: int, seed: int, size: int = 128, side: int = 52)
 CLASSES = ["checks", "stripes"]
 
 
-def test_synthetic_square_is_localized(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    train = make_squares(tmp_path / "d", 24, 0)
-    valid = make_squares(tmp_path / "d", 8, 1)
+def squares_model() -> ModelConfig:
+    """The min-max model that localizes the squares of :func:`make_squares` (also the GPU tests')."""
     # a random-init backbone needs BatchNorm statistics from the data (the default freezes them: pretrained)
-    mc = ModelConfig(
+    return ModelConfig(
         **TINY,
         kmax=0.1,
         head_dropout=0.0,
@@ -62,6 +60,13 @@ def test_synthetic_square_is_localized(tmp_path: Path) -> None:
         w=8.0,
         bn_mode="masked_running",
     )
+
+
+def test_synthetic_square_is_localized(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    train = make_squares(tmp_path / "d", 24, 0)
+    valid = make_squares(tmp_path / "d", 8, 1)
+    mc = squares_model()
     tc = TrainConfig(epochs=14, batch_size=8, crop=128, lr=3e-3, backbone_lr_mult=1.0, color_jitter=0.0, num_threads=1)
     res = fit(train, valid, CLASSES, mc, tc, tmp_path / "out", progress=False)
     model, meta = load_checkpoint(res.last, class_names=CLASSES)
