@@ -347,3 +347,26 @@ def test_mpp_error_suggests_objective(tmp_path: Path, content: SyntheticContent,
     # level-0 reads need no mpp
     assert s.read_region(0, 0, 16, 16).shape == (16, 16, 3)
     caplog.set_level(logging.DEBUG)
+
+
+def test_large_synthetic_svs_uncompressed_is_pixel_exact(tmp_path: Path) -> None:
+    """``write_large_svs(compression="none")`` (what the GPU machine, without imagecodecs, writes): openslide
+    reads it as Aperio with its mpp and levels, glass is exactly the glass value, tissue where the layout
+    mask says; a JPEG twin of the same layout decodes to nearly the same pixels."""
+    import numpy as np
+
+    from wsltool.testing.big import MASK_FACTOR, write_large_svs
+
+    raw, jpg = tmp_path / "raw.svs", tmp_path / "jpg.svs"
+    mask = write_large_svs(raw, 2048, 1536, tissue_fraction=0.4, seed=3, compression="none")
+    write_large_svs(jpg, 2048, 1536, tissue_fraction=0.4, seed=3)
+    with open_slide(raw) as s, open_slide(jpg) as t:
+        assert s.format == "aperio" and s.mpp == 0.5 and s.level_downsamples == (1.0, 4.0, 16.0, 64.0)
+        a = s.read_region(0, 0, 2048, 1536)
+        b = t.read_region(0, 0, 2048, 1536)
+    full = np.kron(mask, np.ones((MASK_FACTOR, MASK_FACTOR), bool))[:1536, :2048]
+    assert (a[~full] == 242).all()
+    assert (a[full] != 242).any(axis=-1).mean() > 0.9
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 6  # same content; JPEG only rounds it
+    with pytest.raises(ValueError, match="compression"):
+        write_large_svs(tmp_path / "x.svs", 512, 512, compression="lzw")
