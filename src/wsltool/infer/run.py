@@ -110,7 +110,7 @@ def localize_batch(net: Any, x: Any, size: tuple[int, int], amp: bool) -> tuple[
 
     with torch.autocast(x.device.type, dtype=getattr(torch, AMP_DTYPE), enabled=amp):
         out = net.localize(x, size=size)
-    if amp and not all(bool(torch.isfinite(v).all()) for v in out.values()):
+    if amp and not bool(torch.stack([torch.isfinite(v).all() for v in out.values()]).all()):  # one sync
         return net.localize(x, size=size), True
     return out, False
 
