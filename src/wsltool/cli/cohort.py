@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
     q.add_argument("--batch", type=int, default=d.batch_size, help=f"regions per batch (default {d.batch_size})")
     q.add_argument("--readers", type=int, default=1, help="reader processes per slide (default 1)")
     q.add_argument("--device", default=d.device, help=f"auto | cpu | cuda[:N] (default {d.device})")
-    q.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    q.add_argument("--no-amp", action="store_true", help="disable float16 autocast on GPU (float32 throughout)")
     q.add_argument(
         "--threshold", type=float, default=d.threshold, help=f"M+ threshold of the mask (default {d.threshold})"
     )

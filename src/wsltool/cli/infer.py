@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=8, help="regions per batch (default 8)")
     p.add_argument("--workers", type=int, default=2, help="reader processes (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    p.add_argument("--no-amp", action="store_true", help="disable float16 autocast on GPU (float32 throughout)")
     p.add_argument("--threshold", type=float, default=0.5, help="M+ threshold of the mask (default 0.5)")
     p.add_argument(
         "--top-k",
