@@ -405,3 +405,47 @@ def test_neg_weight_scales_the_max_entropy_term_only() -> None:
     torch.testing.assert_close(totals[0]["neg"], totals[2]["neg"])  # the term is still measured and logged
     with pytest.raises(ConfigError, match="neg_weight"):
         ModelConfig(neg_weight=-1.0)
+
+
+def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_apart() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([0, 1])
+    cfg = ModelConfig(**{**TINY, "minmax_start": 1}, head_dropout=0.0, detach_mask=True, classifier_backbone="own")
+    model = MinMaxNet(cfg).train()
+    xn = model.normalize(x)
+    # warm-up: the localizer's backbone moves, the classifier's copy is untouched and not yet synced
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.05)
+    model.training_losses(xn, y, epoch=0)["total"].backward()
+    assert int(model.cls_synced) == 0
+    assert all(p.grad is None for p in model.cls_backbone.parameters())
+    loc_sd, cls_sd = model.backbone.state_dict(), model.cls_backbone.state_dict()
+    assert not all(torch.equal(loc_sd[k], cls_sd[k]) for k in loc_sd)
+    # first min-max step: the classifier's backbone is set to the localizer's, exactly
+    model.zero_grad()
+    out = model.training_losses(xn, y, epoch=1)
+    assert int(model.cls_synced) == 1
+    loc_sd, cls_sd = model.backbone.state_dict(), model.cls_backbone.state_dict()
+    assert all(torch.equal(loc_sd[k], cls_sd[k]) for k in loc_sd)
+    # mask detached + own backbone: X+ / X- reach neither the localizer's head nor its backbone
+    (out["_pos"] + out["_neg"]).backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.backbone.parameters())
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.loc_head.parameters())
+    assert sum(float(p.grad.abs().sum()) > 0 for p in model.cls_backbone.parameters() if p.grad is not None) > 0
+    # a later step does not copy again (the classifier's backbone keeps what it learned)
+    with torch.no_grad():
+        for p in model.cls_backbone.parameters():
+            p.add_(0.05)
+    model.training_losses(xn, y, epoch=2)
+    pairs = zip(model.backbone.parameters(), model.cls_backbone.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+    # the shared default: the classifier's losses do train the localizer's backbone
+    shared = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, detach_mask=True)).train()
+    o = shared.training_losses(shared.normalize(x), y)
+    o["_pos"].backward()
+    assert shared.cls_backbone is None
+    assert sum(float(p.grad.abs().sum()) > 0 for p in shared.backbone.parameters() if p.grad is not None) > 0
+    with pytest.raises(ConfigError, match="classifier_backbone"):
+        ModelConfig(classifier_backbone="separate")  # type: ignore[arg-type]

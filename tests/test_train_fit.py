@@ -241,3 +241,31 @@ def test_lr_schedule() -> None:
     assert lr_factor(10.0, tc) == pytest.approx(0.0, abs=1e-12)
     st = TrainConfig(epochs=100, warmup_epochs=0, schedule="step", step_epochs=40, gamma=0.1)
     assert [lr_factor(e, st) for e in (0, 39, 40, 80)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_own_classifier_backbone_trains_saves_and_loads(tmp_path: Path) -> None:
+    from wsltool.train.loop import _optimizer
+
+    torch.set_num_threads(1)
+    items = make_squares(tmp_path / "d", 6, 0, size=64, side=24)
+    mc = ModelConfig(**{**TINY, "minmax_start": 1}, classifier_backbone="own")
+    tc = TrainConfig(epochs=3, batch_size=2, crop=48, backbone_lr_mult=0.1, num_threads=1)
+    # the classifier's backbone learns at the backbone rate, as the localizer's
+    model = build_model(mc)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = _optimizer(model, tc)
+    bb_group = next(g for g in opt.param_groups if g["base_lr"] == pytest.approx(tc.lr * 0.1))
+    in_group = {names[id(p)].split(".")[0] for p in bb_group["params"]}
+    assert in_group == {"backbone", "cls_backbone"}
+    res = fit(items[:4], items[4:], CLASSES, mc, tc, tmp_path / "o", progress=False)
+    loaded, meta = load_checkpoint(res.last, class_names=CLASSES)
+    assert meta["config"]["classifier_backbone"] == "own" and int(loaded.cls_synced) == 1
+    sd = loaded.state_dict()
+    # trained apart after the warm-up epoch: the two backbones hold different weights
+    assert any(not torch.equal(sd[k], sd["cls_" + k]) for k in sd if k.startswith("backbone."))
+    x = torch.randint(0, 255, (1, 3, 48, 48), dtype=torch.uint8)
+    again, _ = load_checkpoint(res.last, class_names=CLASSES)
+    with torch.inference_mode():
+        o1, o2 = loaded.localize(x), again.localize(x)
+    for k in o1:
+        torch.testing.assert_close(o1[k], o2[k])

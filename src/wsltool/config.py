@@ -412,6 +412,12 @@ class ModelConfig:
         What the max-entropy term on X- trains: ``"all"`` (paper: localizer, backbone and classifier) or
         ``"localizer"`` (backbone and classifier parameters held fixed for that term, so the classifier cannot
         satisfy it by learning to be uncertain on masked-looking images; only the mask can).
+    classifier_backbone
+        ``"shared"`` (method.md: the classifier runs on X+ / X- through the localizer's backbone) or ``"own"``
+        (a second copy of the backbone for the classifier; it is set to the localizer's backbone when the
+        min-max terms start, so both begin from the warmed-up features and only then part).  ``"own"`` keeps
+        the classifier's X+ / X- objectives off the features the localizer maps; same FLOPs, twice the
+        backbone parameters.
     padding
         Convolution padding of the backbone: ``"zeros"`` (as pretrained) or ``"replicate"`` (no border
         features for the mask to latch onto).
@@ -446,6 +452,7 @@ class ModelConfig:
     threshold: float = 0.5
     neg_weight: float = 1.0
     neg_updates: typing.Literal["all", "localizer"] = "localizer"
+    classifier_backbone: typing.Literal["shared", "own"] = "shared"
     padding: typing.Literal["zeros", "replicate"] = "replicate"
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -465,6 +472,10 @@ class ModelConfig:
         _check(
             0 <= self.area_min < self.area_max <= 1,
             f"ModelConfig.area_min/area_max must satisfy 0 <= min < max <= 1, got {self.area_min}, {self.area_max}",
+        )
+        _check(
+            self.classifier_backbone in ("shared", "own"),
+            f"ModelConfig.classifier_backbone must be 'shared' or 'own', got {self.classifier_backbone!r}",
         )
         _check(self.neg_weight >= 0, f"ModelConfig.neg_weight must be >= 0, got {self.neg_weight}")
         _check(self.minmax_start >= 0, f"ModelConfig.minmax_start must be >= 0, got {self.minmax_start}")

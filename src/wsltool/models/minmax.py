@@ -1,6 +1,7 @@
 """The min-max entropy model and the WILDCAT / CAM baselines, behind one ``localize`` interface.
 
-``MinMaxNet``: one shared backbone; a localizer head (WILDCAT) on X; a classifier head (WILDCAT) on X+ and X-.
+``MinMaxNet``: one shared backbone (as an option, a copy of it for the classifier); a localizer head (WILDCAT)
+on X; a classifier head (WILDCAT) on X+ and X-.
 M+ = sum_c softmax(localizer scores)_c * map_c, min-max normalised per image; pseudo-binary mask
 m = sigmoid(w (M+ - sigma)); X+ = X * m and X- = X * (1 - m) in normalised pixel space, resized by
 ``cls_scale`` for the classifier.  See method.md.
@@ -11,6 +12,7 @@ m = sigmoid(w (M+ - sigma)); X+ = X * m and X- = X * (1 - m) in normalised pixel
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -209,6 +211,26 @@ class MinMaxNet(_Base):
         c = cfg.num_classes
         self.loc_head = WildcatHead(self.channels, c, cfg.modalities, cfg.kmax, cfg.kmin, cfg.alpha, cfg.head_dropout)
         self.cls_head = WildcatHead(self.channels, c, cfg.modalities, cfg.kmax, cfg.kmin, cfg.alpha, cfg.head_dropout)
+        self.cls_backbone: nn.Module | None = None
+        if cfg.classifier_backbone == "own":
+            self.cls_backbone = copy.deepcopy(self.backbone)
+            # 1 once the classifier's backbone was set to the warmed-up localizer's (saved, so --resume keeps it)
+            self.register_buffer("cls_synced", torch.zeros((), dtype=torch.uint8))
+
+    @property
+    def classifier_features(self) -> nn.Module:
+        """The backbone the classifier runs on X+ / X- (the shared one unless ``classifier_backbone="own"``)."""
+        return self.backbone if self.cls_backbone is None else self.cls_backbone
+
+    def _sync_classifier_backbone(self) -> None:
+        """Copy the localizer's backbone into the classifier's own, once, when the min-max terms start."""
+        if self.cls_backbone is None or bool(self.cls_synced):
+            return
+        with torch.no_grad():
+            src = self.backbone.state_dict()
+            for k, v in self.cls_backbone.state_dict().items():
+                v.copy_(src[k])
+            self.cls_synced.fill_(1)  # type: ignore[operator]
 
     def heads_out(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Localizer scores ``(B, C)`` and class maps ``(B, C, h, w)`` on X."""
@@ -237,19 +259,20 @@ class MinMaxNet(_Base):
             xn_masked = F.interpolate(
                 xn_masked, scale_factor=self.cfg.cls_scale, mode="bilinear", align_corners=False, antialias=False
             )
-        with _bn_eval(self.backbone, self.training and self.cfg.bn_mode in ("masked_running", "frozen")):
+        features = self.classifier_features
+        with _bn_eval(features, self.training and self.cfg.bn_mode in ("masked_running", "frozen")):
             if fixed_params:
                 from torch.func import functional_call
 
-                params = {k: v.detach() for k, v in self.backbone.named_parameters()}
-                f = functional_call(self.backbone, params, (xn_masked,))
+                params = {k: v.detach() for k, v in features.named_parameters()}
+                f = functional_call(features, params, (xn_masked,))
                 w, b = self.cls_head.conv.weight.detach(), self.cls_head.conv.bias
                 raw = F.conv2d(f, w, None if b is None else b.detach())
                 n, _, h, wd = raw.shape
                 maps = raw.view(n, self.cls_head.num_classes, self.cls_head.modalities, h, wd).mean(dim=2)
                 hd = self.cls_head
                 return wildcat_pool(maps, hd.kmax, hd.kmin, hd.alpha, hd.dropout, self.training)
-            f = self.backbone(xn_masked)
+            f = features(xn_masked)
         scores, _ = self.cls_head(f)
         return scores
 
@@ -288,6 +311,8 @@ class MinMaxNet(_Base):
             scores, _ = self.heads_out(xn)
             loc = ce_loss(scores, y)
             return {"total": loc, "loc": loc.detach(), "_scores": scores.detach(), "_loc": loc}
+        if self.training:
+            self._sync_classifier_backbone()
         size = (xn.shape[-2], xn.shape[-1])
         detach = cfg.detach_mask
 

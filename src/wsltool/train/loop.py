@@ -75,8 +75,9 @@ def selection_key(rec: dict[str, Any], select: str) -> tuple[float, float]:
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    bb = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
-    heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    is_bb = ("backbone.", "cls_backbone.")  # pretrained parts (the classifier's own copy included)
+    bb = [p for n, p in model.named_parameters() if n.startswith(is_bb) and p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if not n.startswith(is_bb) and p.requires_grad]
     groups = [{"params": heads, "base_lr": cfg.lr}]
     if cfg.backbone_lr_mult > 0:
         groups.append({"params": bb, "base_lr": cfg.lr * cfg.backbone_lr_mult})
