@@ -48,9 +48,13 @@ CLASSES = ["checks", "stripes"]
 
 def squares_model() -> ModelConfig:
     """The min-max model that localizes the squares of :func:`make_squares` (also the GPU tests')."""
-    # a random-init backbone needs BatchNorm statistics from the data (the default freezes them: pretrained)
+    # a random-init backbone needs BatchNorm statistics from the data (the default freezes them: pretrained).
+    # A 4-epoch warm-up: with the classifier's own backbone (the default) and min-max from epoch 0 the
+    # classifier starts from a random backbone and the mask spreads (14 epochs: area 58 %, F1+ 56, pixel AUC
+    # 98.7); with it F1+ 88.6, F1- 98.0, pixel AUC 99.2, error 0 (shared backbone from epoch 0: 84.4 / 97.0 /
+    # 93.4, error 50 %).
     return ModelConfig(
-        **TINY,
+        **{**TINY, "minmax_start": 4},
         kmax=0.1,
         head_dropout=0.0,
         size_prior="range",
@@ -73,7 +77,8 @@ def test_synthetic_square_is_localized(tmp_path: Path) -> None:
     _, s = evaluate(model, valid, CLASSES)
     assert s["f1_pos"] >= 80, s
     assert s["f1_pos"] - s["chance_pos"] > 50
-    assert s["pixel_auc"] > 90
+    assert s["pixel_auc"] > 95
+    assert s["error"] <= 12.5  # at most one of the 8 valid images misclassified
     assert meta["class_names"] == CLASSES and meta["method"] == "minmax"
     assert len(res.history) == 14 and (tmp_path / "out" / "history.jsonl").exists()
     assert res.history[0]["loc"] > res.history[-1]["loc"]
@@ -163,17 +168,19 @@ def test_minmax_start_longer_than_half_the_run_is_shortened(tmp_path: Path, capl
 
 
 def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> None:
-    """A checkpoint written before ``padding``/``neg_updates`` existed keeps the behaviour it was trained with."""
+    """A checkpoint written before ``padding``/``neg_updates``/``classifier_backbone`` existed loads as trained."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, method="minmax", padding="zeros", neg_updates="all")).eval()
+    cfg = ModelConfig(**TINY, method="minmax", padding="zeros", neg_updates="all", classifier_backbone="shared")
+    model = build_model(cfg).eval()
     p = tmp_path / "old.pt"
     save_checkpoint(p, model, class_names=["a", "b"], mpp=0.5, input_size=64)
     blob = torch.load(p, weights_only=True)
-    for key in ("padding", "neg_updates"):
+    for key in ("padding", "neg_updates", "classifier_backbone"):
         del blob["meta"]["config"][key]
     torch.save(blob, p)
     loaded, _ = load_checkpoint(p)
     assert loaded.cfg.padding == "zeros" and loaded.cfg.neg_updates == "all"
+    assert loaded.cfg.classifier_backbone == "shared" and loaded.cls_backbone is None
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         torch.testing.assert_close(model.localize(x)["probs"], loaded.localize(x)["probs"])
@@ -248,7 +255,7 @@ def test_own_classifier_backbone_trains_saves_and_loads(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     items = make_squares(tmp_path / "d", 6, 0, size=64, side=24)
-    mc = ModelConfig(**{**TINY, "minmax_start": 1}, classifier_backbone="own")
+    mc = ModelConfig(**{**TINY, "minmax_start": 1})  # classifier_backbone="own" is the default
     tc = TrainConfig(epochs=3, batch_size=2, crop=48, backbone_lr_mult=0.1, num_threads=1)
     # the classifier's backbone learns at the backbone rate, as the localizer's
     model = build_model(mc)

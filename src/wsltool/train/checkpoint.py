@@ -39,6 +39,7 @@ LEGACY_MODEL_FIELDS: dict[str, Any] = {
     "head_conv": True,
     "multi_level": False,
     "minmax_start": 0,
+    "classifier_backbone": "shared",
 }
 
 FORMAT = "wsltool-checkpoint"
