@@ -42,8 +42,9 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "bench skipped (SKIP_BENCH=1)"; else
 fi
 [ "${SKIP_GLAS:-0}" = 1 ] && { echo "GlaS skipped (SKIP_GLAS=1)"; exit 0; }
 
-# GLAS_SETS: space-separated "preset:tag[:key=value,key=value]" (default: the default and WILDCAT)
-SETS=${GLAS_SETS:-default:default wildcat:wildcat}
+# GLAS_SETS: space-separated "preset:tag[:key=value,key=value]" (default: the default, the default with the
+# shared backbone of the method as published, and WILDCAT; never measured at this budget with the own backbone)
+SETS=${GLAS_SETS:-default:default default:shared:classifier_backbone=shared wildcat:wildcat}
 echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS: $SETS"
 G=/tmp/glas_gpu
 mkdir -p "$G"

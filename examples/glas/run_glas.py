@@ -130,7 +130,7 @@ def seeds_table(root: Path, cols: list[str]) -> None:
         r = json.loads(p.read_text())
         model = {k: v for k, v in {**mdef, **LEGACY_MODEL_FIELDS, **r["model"]}.items() if k in mdef}
         if model["method"] != "minmax":
-            for k in ("minmax_start", "neg_weight", "neg_updates"):
+            for k in ("minmax_start", "neg_weight", "neg_updates", "classifier_backbone"):
                 model.pop(k)
         train = {k: v for k, v in {**tdef, **r["train"]}.items() if k in tdef and k not in ("seed", "num_threads")}
         key = json.dumps([model, train], sort_keys=True)
