@@ -93,5 +93,5 @@ def test_cuda_training_localizes_and_loads_on_cpu(tmp_path: Path, amp: bool) -> 
     print("GPU training, amp", amp, msg)
     assert s["f1_pos"] >= 75, msg
     assert s["f1_pos"] - s["chance_pos"] > 25, msg
-    assert s["pixel_auc"] > 80, msg  # CPU, float32, 14 epochs (test_synthetic_square_is_localized): 99.2
+    assert s["pixel_auc"] > 80, msg  # CPU, float32, 14 epochs (test_synthetic_square_is_localized): 99.0
     assert meta["class_names"] == CLASSES

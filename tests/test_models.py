@@ -411,7 +411,7 @@ def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_a
     torch.manual_seed(0)
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 1])
-    cfg = ModelConfig(**{**TINY, "minmax_start": 1}, head_dropout=0.0, detach_mask=True)  # own: the default
+    cfg = ModelConfig(**{**TINY, "minmax_start": 1}, head_dropout=0.0, detach_mask=True, classifier_backbone="own")
     model = MinMaxNet(cfg).train()
     xn = model.normalize(x)
     # warm-up: the localizer's backbone moves, the classifier's copy is untouched and not yet synced
@@ -441,8 +441,8 @@ def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_a
     model.training_losses(xn, y, epoch=2)
     pairs = zip(model.backbone.parameters(), model.cls_backbone.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)
-    # shared (method.md): the classifier's losses do train the localizer's backbone
-    shared = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, detach_mask=True, classifier_backbone="shared")).train()
+    # shared (method.md, the default): the classifier's losses do train the localizer's backbone
+    shared = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, detach_mask=True)).train()  # the default
     o = shared.training_losses(shared.normalize(x), y)
     o["_pos"].backward()
     assert shared.cls_backbone is None

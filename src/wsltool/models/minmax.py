@@ -1,7 +1,7 @@
 """The min-max entropy model and the WILDCAT / CAM baselines, behind one ``localize`` interface.
 
-``MinMaxNet``: a backbone and a localizer head (WILDCAT) on X; a classifier head (WILDCAT) on X+ and X-, on its
-own copy of the backbone (default) or on the shared one (method.md; ``classifier_backbone``).
+``MinMaxNet``: a backbone and a localizer head (WILDCAT) on X; a classifier head (WILDCAT) on X+ and X-, on the
+shared backbone (method.md, default) or on its own copy of it (``classifier_backbone="own"``).
 M+ = sum_c softmax(localizer scores)_c * map_c, min-max normalised per image; pseudo-binary mask
 m = sigmoid(w (M+ - sigma)); X+ = X * m and X- = X * (1 - m) in normalised pixel space, resized by
 ``cls_scale`` for the classifier.  See method.md.
