@@ -441,6 +441,12 @@ def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_a
     model.training_losses(xn, y, epoch=2)
     pairs = zip(model.backbone.parameters(), model.cls_backbone.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)
+    # nor does a model that loads a synced state (a resumed run)
+    resumed = MinMaxNet(cfg)
+    resumed.load_state_dict(model.state_dict())
+    resumed.train().training_losses(xn, y, epoch=2)
+    pairs = zip(resumed.backbone.parameters(), resumed.cls_backbone.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
     # shared (method.md, the default): the classifier's losses do train the localizer's backbone
     shared = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, detach_mask=True)).train()  # the default
     o = shared.training_losses(shared.normalize(x), y)

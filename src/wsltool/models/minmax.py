@@ -216,6 +216,7 @@ class MinMaxNet(_Base):
             self.cls_backbone = copy.deepcopy(self.backbone)
             # 1 once the classifier's backbone was set to the warmed-up localizer's (saved, so --resume keeps it)
             self.register_buffer("cls_synced", torch.zeros((), dtype=torch.uint8))
+        self._synced_seen = False  # host-side cache of cls_synced: no device sync per training step once set
 
     @property
     def classifier_features(self) -> nn.Module:
@@ -224,13 +225,17 @@ class MinMaxNet(_Base):
 
     def _sync_classifier_backbone(self) -> None:
         """Copy the localizer's backbone into the classifier's own, once, when the min-max terms start."""
-        if self.cls_backbone is None or bool(self.cls_synced):
+        if self.cls_backbone is None or self._synced_seen:
+            return
+        if bool(self.cls_synced):  # synced before this object saw it (a resumed run): read once
+            self._synced_seen = True
             return
         with torch.no_grad():
             src = self.backbone.state_dict()
             for k, v in self.cls_backbone.state_dict().items():
                 v.copy_(src[k])
             self.cls_synced.fill_(1)  # type: ignore[operator]
+        self._synced_seen = True
 
     def heads_out(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Localizer scores ``(B, C)`` and class maps ``(B, C, h, w)`` on X."""
