@@ -9,14 +9,17 @@
 #   3. GlaS at a GPU budget: default and WILDCAT, 4 seeds each, side by side, then every seed subset with and
 #      without d4 test-time augmentation (tools/experiments/glas_ensemble.py).
 #
-# Environment: SKIP_BENCH=1, SKIP_GLAS=1, GLAS_SETS (see section 3), GLAS_EPOCHS (60), GLAS_CROP (384), GLAS_SEEDS ("0 1 2 3"), DEADLINE_S (seconds after start by
-# which training must end; 470), SMOKE=1 (tiny settings to try the script on a CPU machine).
+# Environment: SKIP_BENCH=1, SKIP_GLAS=1, GLAS_SETS (see section 3), GLAS_EPOCHS (60), GLAS_CROP (384),
+# GLAS_SEEDS ("0 1 2 3"; a set may name its own), GLAS_THREADS (torch threads per run; 2), DEADLINE_S (seconds
+# after start by which training must end; 470), ENS_S (seconds after DEADLINE_S for the ensembles; 90),
+# ENS_TAGS (the sets to ensemble; all), ENS_MAX (at most this many seeds per ensemble, the first ones; all),
+# SMOKE=1 (tiny settings to try the script on a CPU machine).
 set -u
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 T0=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
-ENS_S=${ENS_S:-90}; EPOCHS=${GLAS_EPOCHS:-60}; CROP=${GLAS_CROP:-384}; SEEDS=${GLAS_SEEDS:-0 1 2 3}; DEADLINE=${DEADLINE_S:-470}
+ENS_S=${ENS_S:-90}; THREADS=${GLAS_THREADS:-2}; ENS_MAX=${ENS_MAX:-99}; EPOCHS=${GLAS_EPOCHS:-60}; CROP=${GLAS_CROP:-384}; SEEDS=${GLAS_SEEDS:-0 1 2 3}; DEADLINE=${DEADLINE_S:-470}
 BENCH=(); PYTEST_K=()
 if [ "${SMOKE:-0}" = 1 ]; then EPOCHS=2; CROP=128; SEEDS="0"; BENCH=(--quick --skip e2e); PYTEST_K=(-k nothing); fi
 
@@ -42,7 +45,8 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "bench skipped (SKIP_BENCH=1)"; else
 fi
 [ "${SKIP_GLAS:-0}" = 1 ] && { echo "GlaS skipped (SKIP_GLAS=1)"; exit 0; }
 
-# GLAS_SETS: space-separated "preset:tag[:key=value,key=value]" (default: the default, the default with the
+# GLAS_SETS: space-separated "preset:tag[:key=value,key=value[:seed+seed...]]" (the seeds default to GLAS_SEEDS;
+# e.g. "default:default::4+5" runs seeds 4 and 5 of the default) (default: the default, the default with the
 # classifier on its own backbone (a tie on the CPU budget; lesson 13 of the README put ~2 points of pixel AUC
 # on the shared backbone at this budget), and WILDCAT)
 SETS=${GLAS_SETS:-default:default default:own:classifier_backbone=own wildcat:wildcat}
@@ -51,12 +55,13 @@ G=/tmp/glas_gpu
 mkdir -p "$G"
 pids=(); TAGS=()
 for spec in $SETS; do
-  IFS=: read -r preset tag kv <<<"$spec"
+  IFS=: read -r preset tag kv sseeds <<<"$spec"
   TAGS+=("$tag")
+  run_seeds=$SEEDS; [ -n "${sseeds:-}" ] && run_seeds=${sseeds//+/ }
   extra=(); IFS=, read -ra kvs <<<"${kv:-}"; for x in "${kvs[@]}"; do extra+=(--set "$x"); done
-  for s in $SEEDS; do
+  for s in $run_seeds; do
     $PY examples/glas/run_glas.py --data .gpu/glas --out "$G" --run "$preset" --name "${tag}_e${EPOCHS}_c${CROP}_s$s" \
-      --set epochs="$EPOCHS" --set crop="$CROP" --set seed="$s" "${extra[@]}" --threads 2 --overlays 2 \
+      --set epochs="$EPOCHS" --set crop="$CROP" --set seed="$s" "${extra[@]}" --threads "$THREADS" --overlays 2 \
       >"$G/${tag}_s$s.log" 2>&1 &
     pids+=($!)
   done
@@ -70,8 +75,8 @@ done
 echo "training done at $(( $(date +%s) - T0 )) s"
 for f in "$G"/*/history.jsonl; do echo "$f: $(wc -l <"$f") epochs"; done
 $PY examples/glas/run_glas.py --table "$G" 2>&1 | tee "$OUT/glas_table.md"
-for run in "${TAGS[@]}"; do
-  ck=$(ls "$G"/${run}_e*/best.pt 2>/dev/null | tr '\n' ' ')
+for run in ${ENS_TAGS:-${TAGS[@]}}; do
+  ck=$(ls "$G"/${run}_e*/best.pt 2>/dev/null | sort -V | head -n "$ENS_MAX" | tr '\n' ' ')
   [ -n "$ck" ] || continue
   [ "$(left $((DEADLINE + ENS_S)))" -gt 20 ] || { echo "no time left for the $run ensemble"; continue; }
   echo "-- $run: seed subsets, none vs d4" | tee -a "$OUT/glas_ens.txt"
@@ -79,5 +84,5 @@ for run in "${TAGS[@]}"; do
     --tta d4 --threads 4 2>&1 | grep -v "^WARNING" | tee -a "$OUT/glas_ens.txt"
 done
 tar czf "$OUT/glas_runs.tgz" -C "$G" $(cd "$G" && ls -d */result.json */history.jsonl */eval_valid/summary.csv \
-  *_s0/eval_valid/overlays *.log 2>/dev/null) 2>/dev/null
+  *_s0/eval_valid/overlays *_s4/eval_valid/overlays *.log 2>/dev/null) 2>/dev/null
 echo "all done at $(( $(date +%s) - T0 )) s"
