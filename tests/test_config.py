@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from wsltool.config import InferConfig, ModelConfig, from_dict, parse_value, to_dict
+from wsltool.config import InferConfig, ModelConfig, from_dict, load_toml, parse_value, save_toml, to_dict
 from wsltool.errors import ConfigError
 
 
@@ -20,3 +22,13 @@ def test_from_dict_round_trip_and_errors() -> None:
         from_dict(InferConfig, {"overlapp": 3})
     with pytest.raises(ConfigError, match="expected int"):
         from_dict(InferConfig, {"overlap": "a"})
+
+
+def test_minmax_start_half_round_trips_through_toml(tmp_path: Path) -> None:
+    """The default warm-up, ``"half"``, is plain data: TOML and ``--set`` take it, as they take an epoch."""
+    save_toml(ModelConfig(), tmp_path / "m.toml")
+    assert load_toml(ModelConfig, tmp_path / "m.toml").minmax_start == "half"
+    assert from_dict(ModelConfig, {"minmax_start": parse_value("30")}).minmax_start == 30
+    assert from_dict(ModelConfig, {"minmax_start": parse_value("half")}).minmax_start == "half"
+    with pytest.raises(ConfigError, match="minmax_start"):
+        from_dict(ModelConfig, {"minmax_start": "third"})

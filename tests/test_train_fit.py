@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsltool.config import ModelConfig, TrainConfig
-from wsltool.errors import CheckpointError
+from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start
+from wsltool.errors import CheckpointError, ConfigError
 from wsltool.evaluate import evaluate
 from wsltool.models import build_model
 from wsltool.train.checkpoint import load_checkpoint, save_checkpoint
@@ -155,16 +156,57 @@ def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_minmax_start_longer_than_half_the_run_is_shortened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_minmax_start_longer_than_half_the_run_is_honoured(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An explicit warm-up is the user's: kept (with a warning) when longer than half the run, so experiments can
+    try it; the checkpoint records it."""
     items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
-    mc = ModelConfig(**{**TINY, "minmax_start": 10}, method="minmax")
-    with caplog.at_level("WARNING", logger="wsltool.train.loop"):
+    mc = ModelConfig(**{**TINY, "minmax_start": 2}, method="minmax")
+    with caplog.at_level("WARNING", logger="wsltool.config"):
         tc = TrainConfig(epochs=3, batch_size=2, crop=48)
         res = fit(items[:2], items[2:], CLASSES, mc, tc, tmp_path / "o", progress=False)
-    assert "warm-up shortened to 1 epochs" in caplog.text
-    assert "pos" not in res.history[0] and {"pos", "neg"} <= set(res.history[1]) and "neg" in res.history[2]
+    assert "warm-up longer than half the run" in caplog.text and "last 1 epochs only" in caplog.text
+    assert ["pos" in h for h in res.history] == [False, False, True]
     _, meta = load_checkpoint(res.last, class_names=CLASSES)
-    assert meta["config"]["minmax_start"] == 1  # the warm-up actually used
+    assert meta["config"]["minmax_start"] == 2
+    with pytest.raises(ConfigError, match="minmax_start=3 with 3 epochs: the min-max terms would never run"):
+        fit(items[:2], items[2:], CLASSES, replace(mc, minmax_start=3), tc, tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o2" / "last.pt").exists()
+
+
+def test_default_warm_up_is_half_the_run(tmp_path: Path) -> None:
+    """``minmax_start="half"`` (the default): WILDCAT epochs for the first half, min-max terms from epoch
+    ``epochs // 2``; the checkpoint records the epoch, so a saved model never holds "half"."""
+    assert ModelConfig().minmax_start == "half"
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**{**TINY, "minmax_start": "half"}, method="minmax")
+    res = fit(
+        items[:2], items[2:], CLASSES, mc, TrainConfig(epochs=5, batch_size=2, crop=48), tmp_path / "o", progress=False
+    )
+    assert ["pos" in h for h in res.history] == [False, False, True, True, True]
+    _, meta = load_checkpoint(res.last, class_names=CLASSES)
+    assert meta["config"]["minmax_start"] == 2
+
+
+def test_resolve_minmax_start_values(caplog: pytest.LogCaptureFixture) -> None:
+    """ "half" becomes epochs // 2 at every budget; numbers stay, unless longer than half the run; other methods
+    are left alone; an unresolved "half" is refused by the training step rather than compared with an epoch."""
+    half = ModelConfig(backbone="tiny", pretrained="none")
+    assert [resolve_minmax_start(half, e).minmax_start for e in (1, 3, 20, 60)] == [0, 1, 10, 30]
+    ten = ModelConfig(backbone="tiny", pretrained="none", minmax_start=10)
+    assert resolve_minmax_start(ten, 60) is ten
+    with caplog.at_level("WARNING", logger="wsltool.config"):
+        assert resolve_minmax_start(ten, 12) is ten  # honoured, with a warning
+    assert "last 2 epochs only" in caplog.text
+    with pytest.raises(ConfigError, match="use at most 9"):
+        resolve_minmax_start(ten, 10)
+    wc = ModelConfig(backbone="tiny", pretrained="none", method="wildcat", minmax_start=10)
+    assert resolve_minmax_start(wc, 4).minmax_start == 10
+    for bad in ("quarter", -1, 2.5):
+        with pytest.raises(ConfigError, match="minmax_start"):
+            ModelConfig(minmax_start=bad)  # type: ignore[arg-type]
+    model = build_model(ModelConfig(**{**TINY, "minmax_start": "half"}, method="minmax")).train()
+    with pytest.raises(ConfigError, match="resolve_minmax_start"):
+        model.training_losses(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), epoch=0)
 
 
 def test_checkpoint_without_later_fields_loads_as_trained(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsltool.config import ModelConfig
+from wsltool.errors import ConfigError
 from wsltool.models.backbones import build_backbone, set_padding_mode
 from wsltool.models.erasing import recursive_erase
 from wsltool.models.losses import ce_loss, size_loss, uniform_ce_loss
@@ -312,6 +313,9 @@ class MinMaxNet(_Base):
             ``"area"`` (mean soft-mask area), ``"passes"``.
         """
         cfg = self.cfg
+        if not isinstance(cfg.minmax_start, int):
+            msg = "ModelConfig.minmax_start='half' needs the run's epochs: see config.resolve_minmax_start"
+            raise ConfigError(msg)
         if epoch < cfg.minmax_start:  # warm-up: the localizer learns class evidence alone (WILDCAT)
             scores, _ = self.heads_out(xn)
             loc = ce_loss(scores, y)

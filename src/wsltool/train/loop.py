@@ -12,14 +12,14 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from wsltool.config import ModelConfig, TrainConfig, to_dict
+from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start, to_dict
 from wsltool.errors import ConfigError
 from wsltool.models import build_model
 from wsltool.train.checkpoint import resume_training, save_checkpoint
@@ -145,16 +145,7 @@ def fit(
     if model_cfg.num_classes != len(class_names):
         msg = f"model has {model_cfg.num_classes} classes, the labels have {len(class_names)}"
         raise ConfigError(msg)
-    if model_cfg.method == "minmax" and model_cfg.minmax_start > train_cfg.epochs // 2:
-        # a warm-up longer than half the run would leave the classifier (X+) barely trained: shorten it; the
-        # checkpoint records the warm-up actually used
-        log.warning(
-            "minmax_start=%d with %d epochs: WILDCAT warm-up shortened to %d epochs (half the run)",
-            model_cfg.minmax_start,
-            train_cfg.epochs,
-            train_cfg.epochs // 2,
-        )
-        model_cfg = replace(model_cfg, minmax_start=train_cfg.epochs // 2)
+    model_cfg = resolve_minmax_start(model_cfg, train_cfg.epochs)  # the checkpoint records the epoch used
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsltool.config import MilConfig, ModelConfig, TilingConfig, TrainConfig, half_region_overlap, to_dict
+from wsltool.config import (
+    MilConfig,
+    ModelConfig,
+    TilingConfig,
+    TrainConfig,
+    half_region_overlap,
+    resolve_minmax_start,
+    to_dict,
+)
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
 from wsltool.models import build_model
 from wsltool.train.checkpoint import read_checkpoint, resume_training, save_checkpoint
@@ -339,6 +347,7 @@ def fit_slides(
         torch.set_num_threads(train_cfg.num_threads)
     from wsltool.train import distributed
 
+    model_cfg = resolve_minmax_start(model_cfg, train_cfg.epochs)
     dist_info, dev = distributed.setup(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
