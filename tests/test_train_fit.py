@@ -187,6 +187,23 @@ def test_default_warm_up_is_half_the_run(tmp_path: Path) -> None:
     assert meta["config"]["minmax_start"] == 2
 
 
+def test_resume_with_other_settings_names_them(tmp_path: Path) -> None:
+    """Resuming under other settings is refused with the differing settings named (e.g. a run started when the
+    warm-up default was a fixed 10 epochs), and the interrupted run's files are left as they were."""
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**{**TINY, "minmax_start": "half"}, method="minmax")
+    tc = TrainConfig(epochs=4, batch_size=2, crop=48)
+    fit(items[:2], items[2:], CLASSES, mc, tc, tmp_path / "o", progress=False)
+    before = (tmp_path / "o" / "last.pt").read_bytes()
+    with pytest.raises(
+        CheckpointError,
+        match=r"last\.pt: configuration differs .*minmax_start: saved 2, given 1; "
+        r"train\.epochs: saved 4, given 3\); cannot resume",
+    ):
+        fit(items[:2], items[2:], CLASSES, mc, replace(tc, epochs=3), tmp_path / "o", resume=True, progress=False)
+    assert (tmp_path / "o" / "last.pt").read_bytes() == before
+
+
 def test_resolve_minmax_start_values(caplog: pytest.LogCaptureFixture) -> None:
     """ "half" becomes epochs // 2 at every budget; numbers stay, unless longer than half the run; other methods
     are left alone; an unresolved "half" is refused by the training step rather than compared with an epoch."""

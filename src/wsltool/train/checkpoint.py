@@ -310,12 +310,37 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
     return meta
 
 
+def config_differences(saved: dict[str, Any] | None, given: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings whose values differ between a checkpoint's saved configuration and the given one.
+
+    Parameters
+    ----------
+    saved
+        A configuration as saved in a checkpoint's meta (``to_dict`` of a dataclass); None when absent.
+    given
+        ``to_dict`` of the configuration of the run being resumed.
+    prefix
+        Put before each name (``"train."``), to tell configurations apart.
+
+    Returns
+    -------
+    list of str
+        ``"name: saved X, given Y"`` for each differing key, sorted by name; empty when they agree.
+    """
+    saved = saved or {}
+    return [
+        f"{prefix}{k}: saved {saved.get(k)!r}, given {given.get(k)!r}"
+        for k in sorted(set(saved) | set(given))
+        if saved.get(k) != given.get(k)
+    ]
+
+
 def resume_training(
     last_path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     map_location: str | torch.device,
-    same_config: Callable[[dict[str, Any]], bool],
+    same_config: Callable[[dict[str, Any]], list[str]],
 ) -> tuple[int, list[float] | None, int, list[dict[str, Any]]]:
     """Load ``last.pt`` into ``model`` and ``optimizer`` to continue an interrupted training.
 
@@ -328,7 +353,8 @@ def resume_training(
     map_location
         Device of the loaded tensors.
     same_config
-        Called with the checkpoint's ``meta``; False refuses to resume.
+        Called with the checkpoint's ``meta``; returns the settings that differ (see
+        :func:`config_differences`), and any refuses to resume, naming them.
 
     Returns
     -------
@@ -343,8 +369,10 @@ def resume_training(
         msg = f"{last_path}: nothing to resume"
         raise CheckpointError(msg)
     blob = read_checkpoint(last_path, map_location)
-    if not same_config(blob["meta"]):
-        msg = f"{last_path}: configuration differs from the one given; cannot resume"
+    diffs = same_config(blob["meta"])
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        msg = f"{last_path}: configuration differs from the one given ({shown}); cannot resume"
         raise CheckpointError(msg)
     model.load_state_dict(blob["state_dict"])
     st = blob["train_state"]

@@ -22,7 +22,7 @@ import torch
 from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start, to_dict
 from wsltool.errors import ConfigError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import resume_training, save_checkpoint
+from wsltool.train.checkpoint import config_differences, resume_training, save_checkpoint
 from wsltool.train.data import ImageSet
 from wsltool.train.labels import LabeledItem
 
@@ -169,7 +169,10 @@ def fit(
             model,
             opt,
             dev,
-            lambda meta: meta["config"] == to_dict(model_cfg) and meta["train_config"] == to_dict(train_cfg),
+            lambda meta: (
+                config_differences(meta["config"], to_dict(model_cfg))
+                + config_differences(meta.get("train_config"), to_dict(train_cfg), "train.")
+            ),
         )
         best_key = (saved_key[0], saved_key[1]) if saved_key else None
     train_set = ImageSet(train_items, class_names, crop=train_cfg.crop, color_jitter=train_cfg.color_jitter)

@@ -37,7 +37,7 @@ from wsltool.config import (
 )
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import read_checkpoint, resume_training, save_checkpoint
+from wsltool.train.checkpoint import config_differences, read_checkpoint, resume_training, save_checkpoint
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import _optimizer, lr_factor
@@ -378,12 +378,12 @@ def fit_slides(
     best_epoch = -1
     if resume:
 
-        def same(meta: dict[str, Any]) -> bool:
+        def same(meta: dict[str, Any]) -> list[str]:
             saved = meta.get("train_config", {})
-            return bool(
-                meta["config"] == to_dict(model_cfg)
-                and saved.get("train") == to_dict(train_cfg)
-                and saved.get("mil") == to_dict(mil)
+            return (
+                config_differences(meta["config"], to_dict(model_cfg))
+                + config_differences(saved.get("train"), to_dict(train_cfg), "train.")
+                + config_differences(saved.get("mil"), to_dict(mil), "mil.")
             )
 
         start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, same)
