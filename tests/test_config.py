@@ -30,5 +30,5 @@ def test_minmax_start_half_round_trips_through_toml(tmp_path: Path) -> None:
     assert load_toml(ModelConfig, tmp_path / "m.toml").minmax_start == "half"
     assert from_dict(ModelConfig, {"minmax_start": parse_value("30")}).minmax_start == 30
     assert from_dict(ModelConfig, {"minmax_start": parse_value("half")}).minmax_start == "half"
-    with pytest.raises(ConfigError, match="minmax_start"):
+    with pytest.raises(ConfigError, match="minmax_start: expected int or expected one of 'half', got 'third'"):
         from_dict(ModelConfig, {"minmax_start": "third"})

@@ -175,7 +175,7 @@ def test_minmax_start_longer_than_half_the_run_is_honoured(tmp_path: Path, caplo
 
 def test_default_warm_up_is_half_the_run(tmp_path: Path) -> None:
     """``minmax_start="half"`` (the default): WILDCAT epochs for the first half, min-max terms from epoch
-    ``epochs // 2``; the checkpoint records the epoch, so a saved model never holds "half"."""
+    ``epochs // 2``; the checkpoint of the run records the epoch."""
     assert ModelConfig().minmax_start == "half"
     items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
     mc = ModelConfig(**{**TINY, "minmax_start": "half"}, method="minmax")
@@ -202,6 +202,20 @@ def test_resume_with_other_settings_names_them(tmp_path: Path) -> None:
     ):
         fit(items[:2], items[2:], CLASSES, mc, replace(tc, epochs=3), tmp_path / "o", resume=True, progress=False)
     assert (tmp_path / "o" / "last.pt").read_bytes() == before
+
+
+def test_wildcat_run_resumes_whatever_its_saved_warm_up(tmp_path: Path) -> None:
+    """WILDCAT never uses ``minmax_start``: a run saved when the default was 10 resumes under "half"."""
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**{**TINY, "minmax_start": "half"}, method="wildcat")
+    tc = TrainConfig(epochs=2, batch_size=2, crop=48)
+    fit(items[:2], items[2:], CLASSES, mc, replace(tc, epochs=1), tmp_path / "o", progress=False)
+    blob = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    blob["meta"]["config"]["minmax_start"] = 10  # as the previous version saved it
+    blob["meta"]["train_config"]["epochs"] = 2  # the same run, interrupted after its first epoch
+    torch.save(blob, tmp_path / "o" / "last.pt")
+    res = fit(items[:2], items[2:], CLASSES, mc, tc, tmp_path / "o", resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [0, 1]
 
 
 def test_resolve_minmax_start_values(caplog: pytest.LogCaptureFixture) -> None:

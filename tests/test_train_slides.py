@@ -209,3 +209,26 @@ def test_resume_continues_interrupted_training(tmp_path: Path, cohort: Path) -> 
     assert saved["epoch"] == 0  # the interrupted epoch is not recorded as done
     r2 = fit_slides(tr, va, ["benign", "malignant"], mcfg, tcfg, mil, tmp_path, progress=False, resume=True)
     assert [h["epoch"] for h in r2.history] == [0, 1]
+
+
+def test_fine_tuning_from_an_image_checkpoint_skips_the_warm_up(tmp_path: Path, cohort: Path) -> None:
+    """Retrain (napari) from a checkpoint that recorded a long warm-up (an image model: 30 of 60 epochs, say)
+    fine-tunes with the min-max terms from epoch 0, as slide training does, instead of refusing a 2-epoch
+    retrain whose warm-up it could never reach."""
+    from wsltool.testing.models import make_checkpoint
+    from wsltool.train.checkpoint import load_checkpoint
+    from wsltool.train.slides import train_from_rows
+
+    init = make_checkpoint(tmp_path / "image.pt", minmax_start=30, mpp=2.0)
+    rows = [(str(i.path), i.label) for i in read_labels(cohort / "slides.csv")]
+    res = train_from_rows(
+        rows,
+        tmp_path / "out",
+        epochs=2,
+        init_from=str(init),
+        mil={"mpp": 2.0, "region": 128, "score_cap": 6, "top_k": 2, "n_random": 1},
+        train={"batch_size": 4},
+        progress=False,
+    )
+    _, meta = load_checkpoint(res.best, class_names=["benign", "malignant"])
+    assert meta["config"]["minmax_start"] == 0 and len(res.history) == 2

@@ -52,14 +52,16 @@ fi
 # 15): seeds 8-11 of the default (warm-up half the run) and of WILDCAT, to tell whether min-max's +2.2 PxAP over
 # 8 seeds holds, and a warm-up longer than half (40 of 60 epochs), 8 seeds: 16 runs, ~5 min with GLAS_THREADS=1
 SETS=${GLAS_SETS:-default:default::8+9+10+11 wildcat:wildcat::8+9+10+11 default:w40:minmax_start=40:0+1+2+3+4+5+6+7}
-echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS: $SETS"
+# SMOKE: two tiny runs whatever the sets' own seeds say (a 40-epoch warm-up cannot run in 2 epochs)
+[ "${SMOKE:-0}" = 1 ] && SETS=${GLAS_SETS:-default:default wildcat:wildcat}
+echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS unless a set names its own: $SETS"
 G=/tmp/glas_gpu
 mkdir -p "$G"
 pids=(); TAGS=()
 for spec in $SETS; do
   IFS=: read -r preset tag kv sseeds <<<"$spec"
   TAGS+=("$tag")
-  run_seeds=$SEEDS; [ -n "${sseeds:-}" ] && run_seeds=${sseeds//+/ }
+  run_seeds=$SEEDS; [ -n "${sseeds:-}" ] && [ "${SMOKE:-0}" != 1 ] && run_seeds=${sseeds//+/ }
   extra=(); IFS=, read -ra kvs <<<"${kv:-}"; for x in "${kvs[@]}"; do extra+=(--set "$x"); done
   for s in $run_seeds; do
     $PY examples/glas/run_glas.py --data .gpu/glas --out "$G" --run "$preset" --name "${tag}_e${EPOCHS}_c${CROP}_s$s" \
@@ -78,7 +80,7 @@ echo "training done at $(( $(date +%s) - T0 )) s"
 for f in "$G"/*/history.jsonl; do echo "$f: $(wc -l <"$f") epochs"; done
 $PY examples/glas/run_glas.py --table "$G" 2>&1 | tee "$OUT/glas_table.md"
 for run in ${ENS_TAGS:-${TAGS[@]}}; do
-  ck=$(ls "$G"/${run}_e*/best.pt 2>/dev/null | sort -V | head -n "$ENS_MAX" | tr '\n' ' ')
+  ck=$(ls "$G"/"${run}_e${EPOCHS}_c${CROP}"_s*/best.pt 2>/dev/null | sort -V | head -n "$ENS_MAX" | tr '\n' ' ')
   [ -n "$ck" ] || continue
   [ "$(left $((DEADLINE + ENS_S)))" -gt 20 ] || { echo "no time left for the $run ensemble"; continue; }
   echo "-- $run: seed subsets, none vs d4" | tee -a "$OUT/glas_ens.txt"
@@ -86,5 +88,5 @@ for run in ${ENS_TAGS:-${TAGS[@]}}; do
     --tta d4 --threads 4 2>&1 | grep -v "^WARNING" | tee -a "$OUT/glas_ens.txt"
 done
 tar czf "$OUT/glas_runs.tgz" -C "$G" $(cd "$G" && ls -d */result.json */history.jsonl */eval_valid/summary.csv \
-  *_s0/eval_valid/overlays *_s4/eval_valid/overlays *.log 2>/dev/null) 2>/dev/null
+  *_s0/eval_valid/overlays *_s4/eval_valid/overlays *_s8/eval_valid/overlays *.log 2>/dev/null) 2>/dev/null
 echo "all done at $(( $(date +%s) - T0 )) s"

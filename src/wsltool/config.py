@@ -106,7 +106,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(a, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        msg = errors[0] if errors else f"{where}: invalid value {value!r}"
+        # every alternative named: "expected int or expected one of 'half', got 'third'"
+        parts = dict.fromkeys(e.removeprefix(f"{where}: ").split(", got ")[0] for e in errors)
+        msg = f"{where}: {' or '.join(parts)}, got {value!r}" if parts else f"{where}: invalid value {value!r}"
         raise ConfigError(msg)
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -590,9 +592,10 @@ class TrainConfig:
 def resolve_minmax_start(model_cfg: ModelConfig, epochs: int) -> ModelConfig:
     """The model settings with ``minmax_start`` as the epoch it will be for a run of ``epochs`` epochs.
 
-    ``"half"`` becomes ``epochs // 2``.  A number is honoured: with a warning when it exceeds half the run
-    (the classifier then trains on X+ / X- for fewer epochs than the localizer warmed up), refused when the
-    min-max terms would never run.  Methods other than min-max are returned unchanged.
+    ``"half"`` becomes ``epochs // 2`` (for every method, so that a checkpoint always records a number).  A
+    number is honoured: for min-max with a warning when it exceeds half the run (the classifier then trains on
+    X+ / X- for fewer epochs than the localizer warmed up), refused when the min-max terms would never run;
+    other methods ignore it.
 
     Parameters
     ----------

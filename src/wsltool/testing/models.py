@@ -30,7 +30,8 @@ def make_checkpoint(
     from wsltool.train.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(method=method, backbone=backbone, pretrained="none", num_classes=len(class_names), **model_kwargs)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"minmax_start": 0, **model_kwargs}  # a saved model records its warm-up as a number
+    cfg = ModelConfig(method=method, backbone=backbone, pretrained="none", num_classes=len(class_names), **kw)  # type: ignore[arg-type]
     model = build_model(cfg)
     save_checkpoint(path, model, class_names=list(class_names), mpp=mpp, input_size=input_size)
     return Path(path)

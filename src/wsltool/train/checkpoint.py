@@ -310,7 +310,9 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
     return meta
 
 
-def config_differences(saved: dict[str, Any] | None, given: dict[str, Any], prefix: str = "") -> list[str]:
+def config_differences(
+    saved: dict[str, Any] | None, given: dict[str, Any], prefix: str = "", ignore: Sequence[str] = ()
+) -> list[str]:
     """The settings whose values differ between a checkpoint's saved configuration and the given one.
 
     Parameters
@@ -321,6 +323,8 @@ def config_differences(saved: dict[str, Any] | None, given: dict[str, Any], pref
         ``to_dict`` of the configuration of the run being resumed.
     prefix
         Put before each name (``"train."``), to tell configurations apart.
+    ignore
+        Names not compared (settings the run does not use).
 
     Returns
     -------
@@ -331,8 +335,17 @@ def config_differences(saved: dict[str, Any] | None, given: dict[str, Any], pref
     return [
         f"{prefix}{k}: saved {saved.get(k)!r}, given {given.get(k)!r}"
         for k in sorted(set(saved) | set(given))
-        if saved.get(k) != given.get(k)
+        if saved.get(k) != given.get(k) and k not in ignore
     ]
+
+
+def model_differences(saved: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
+    """:func:`config_differences` of a checkpoint's model configuration, skipping what the method does not use.
+
+    WILDCAT and CAM never use ``minmax_start``: a run started when its default was another number resumes.
+    """
+    unused = ("minmax_start",) if model_cfg.method != "minmax" else ()
+    return config_differences(saved, to_dict(model_cfg), ignore=unused)
 
 
 def resume_training(

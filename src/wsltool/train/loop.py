@@ -22,7 +22,7 @@ import torch
 from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start, to_dict
 from wsltool.errors import ConfigError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import config_differences, resume_training, save_checkpoint
+from wsltool.train.checkpoint import config_differences, model_differences, resume_training, save_checkpoint
 from wsltool.train.data import ImageSet
 from wsltool.train.labels import LabeledItem
 
@@ -170,7 +170,7 @@ def fit(
             opt,
             dev,
             lambda meta: (
-                config_differences(meta["config"], to_dict(model_cfg))
+                model_differences(meta["config"], model_cfg)
                 + config_differences(meta.get("train_config"), to_dict(train_cfg), "train.")
             ),
         )

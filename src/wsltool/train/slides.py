@@ -37,7 +37,13 @@ from wsltool.config import (
 )
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
 from wsltool.models import build_model
-from wsltool.train.checkpoint import config_differences, read_checkpoint, resume_training, save_checkpoint
+from wsltool.train.checkpoint import (
+    config_differences,
+    model_differences,
+    read_checkpoint,
+    resume_training,
+    save_checkpoint,
+)
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import _optimizer, lr_factor
@@ -381,7 +387,7 @@ def fit_slides(
         def same(meta: dict[str, Any]) -> list[str]:
             saved = meta.get("train_config", {})
             return (
-                config_differences(meta["config"], to_dict(model_cfg))
+                model_differences(meta["config"], model_cfg)
                 + config_differences(saved.get("train"), to_dict(train_cfg), "train.")
                 + config_differences(saved.get("mil"), to_dict(mil), "mil.")
             )
@@ -655,7 +661,13 @@ def train_from_rows(
     )
     if init_from:
         meta = read_checkpoint(init_from, "cpu")["meta"]
-        mcfg = from_dict(ModelConfig, {**meta["config"], "pretrained": "none"}, source=str(init_from))
+        # fine-tuning starts from a trained localizer: no WILDCAT warm-up again (an image checkpoint records
+        # its own, e.g. 30 of 60 epochs, which a 10-epoch retrain could not even reach)
+        mcfg = from_dict(
+            ModelConfig,
+            {**meta["config"], "pretrained": "none", "minmax_start": SLIDE_MODEL_DEFAULTS["minmax_start"]},
+            source=str(init_from),
+        )
         if list(meta["class_names"]) != names:
             msg = f"{init_from}: checkpoint classes {meta['class_names']} differ from the table's {names}"
             raise CheckpointError(msg)
