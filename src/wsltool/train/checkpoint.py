@@ -353,7 +353,7 @@ def resume_training(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     map_location: str | torch.device,
-    same_config: Callable[[dict[str, Any]], list[str]],
+    differences: Callable[[dict[str, Any]], list[str]],
 ) -> tuple[int, list[float] | None, int, list[dict[str, Any]]]:
     """Load ``last.pt`` into ``model`` and ``optimizer`` to continue an interrupted training.
 
@@ -365,7 +365,7 @@ def resume_training(
         Built with the configuration of the run being resumed.
     map_location
         Device of the loaded tensors.
-    same_config
+    differences
         Called with the checkpoint's ``meta``; returns the settings that differ (see
         :func:`config_differences`), and any refuses to resume, naming them.
 
@@ -382,7 +382,7 @@ def resume_training(
         msg = f"{last_path}: nothing to resume"
         raise CheckpointError(msg)
     blob = read_checkpoint(last_path, map_location)
-    diffs = same_config(blob["meta"])
+    diffs = differences(blob["meta"])
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         msg = f"{last_path}: configuration differs from the one given ({shown}); cannot resume"

@@ -384,7 +384,7 @@ def fit_slides(
     best_epoch = -1
     if resume:
 
-        def same(meta: dict[str, Any]) -> list[str]:
+        def differences(meta: dict[str, Any]) -> list[str]:
             saved = meta.get("train_config", {})
             return (
                 model_differences(meta["config"], model_cfg)
@@ -392,7 +392,7 @@ def fit_slides(
                 + config_differences(saved.get("mil"), to_dict(mil), "mil.")
             )
 
-        start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, same)
+        start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, differences)
         best_key = tuple(saved_key) if saved_key else None
     reader = RegionReader(mil)
     t_start = time.perf_counter()
