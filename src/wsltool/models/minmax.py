@@ -228,15 +228,14 @@ class MinMaxNet(_Base):
         """Copy the localizer's backbone into the classifier's own, once, when the min-max terms start."""
         if self.cls_backbone is None or self._synced_seen:
             return
-        if bool(self.cls_synced):  # synced before this object saw it (a resumed run): read once
-            self._synced_seen = True
+        self._synced_seen = True
+        if bool(self.cls_synced):  # synced before this object saw it (a resumed run): the buffer is read once
             return
         with torch.no_grad():
             src = self.backbone.state_dict()
             for k, v in self.cls_backbone.state_dict().items():
                 v.copy_(src[k])
             self.cls_synced.fill_(1)  # type: ignore[operator]
-        self._synced_seen = True
 
     def heads_out(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Localizer scores ``(B, C)`` and class maps ``(B, C, h, w)`` on X."""
