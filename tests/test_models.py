@@ -106,6 +106,30 @@ def test_size_loss_values() -> None:
     assert mm.grad is not None and (mm.grad < 0).all()
 
 
+def test_batch_range_prior_bounds_the_batch_mean_not_each_image() -> None:
+    t = 5.0
+    # one crop with a 10 % mask, one with 90 %: the mean (0.5) is inside [0.3, 0.7]
+    m = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.9)])
+    per_image = (log_barrier(torch.tensor([-0.1, -0.9]), t) + log_barrier(torch.tensor([-0.9, -0.1]), t)).mean()
+    want = per_image + log_barrier(torch.tensor(0.5 - 0.7), t) + log_barrier(torch.tensor(0.3 - 0.5), t)
+    got = size_loss(m, t, "batch_range", 0.3, 0.7)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # the per-image range prior penalises both crops far more
+    assert size_loss(m, t, "range", 0.3, 0.7).item() > got.item() + 0.1
+    # with the mean in range, only the non-empty barrier pushes the small crop (less than half the range pull)
+    mm = m.clone().requires_grad_(True)
+    size_loss(mm, t, "batch_range", 0.3, 0.7).backward()
+    assert mm.grad is not None
+    g_range = m.clone().requires_grad_(True)
+    size_loss(g_range, t, "range", 0.3, 0.7).backward()
+    assert g_range.grad is not None
+    assert (g_range.grad[0] < 0).all() and abs(mm.grad[0].mean().item()) < abs(g_range.grad[0].mean().item()) / 2
+    # a batch whose mean is too small is pushed to grow
+    small = torch.full((2, 1, 4, 4), 0.1, requires_grad=True)
+    size_loss(small, t, "batch_range", 0.3, 0.7).backward()
+    assert small.grad is not None and (small.grad < 0).all()
+
+
 def test_per_image_normalisation_and_pseudo_binary() -> None:
     a = torch.rand(1, 1, 5, 5) * 3 + 7
     b = torch.rand(1, 1, 5, 5) * 0.01 - 2

@@ -391,10 +391,11 @@ class ModelConfig:
     detach_mask
         Detach M+ before masking (2019 paper code) or let the classifier losses reach the localizer (TMI).
     size_prior
-        ``"none"``, ``"absolute"`` (TMI: both regions non-empty) or ``"range"`` (area in [area_min, area_max]);
+        ``"none"``, ``"absolute"`` (TMI: both regions non-empty), ``"range"`` (area in [area_min, area_max])
+        or ``"batch_range"`` (the batch's mean area in [area_min, area_max], each image only non-empty);
         applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
     area_min, area_max
-        Bounds of the ``"range"`` size prior (area fraction of the soft mask).
+        Bounds of the ``"range"`` and ``"batch_range"`` size priors (area fraction of the soft mask).
     minmax_start
         First epoch (0-based) with the min-max terms (X+, X-, size prior); earlier epochs train the localizer
         alone with its cross-entropy, as WILDCAT, so the mask starts from class evidence.  Default ``"half"``:
@@ -449,7 +450,7 @@ class ModelConfig:
     sigma: float = 0.5
     cls_scale: float = 0.5
     detach_mask: bool = False
-    size_prior: typing.Literal["none", "absolute", "range"] = "range"
+    size_prior: typing.Literal["none", "absolute", "range", "batch_range"] = "range"
     area_min: float = 0.35
     area_max: float = 0.65
     minmax_start: int | typing.Literal["half"] = "half"
