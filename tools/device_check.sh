@@ -50,13 +50,14 @@ fi
 # GLAS_SETS: space-separated "preset:tag[:key=value,key=value[:seed+seed...]]" (the seeds default to GLAS_SEEDS;
 # e.g. "default:default::4+5" runs seeds 4 and 5 of the default; a set's key=value pairs come after the script's
 # own, so "crop=224" overrides GLAS_CROP for that set, under the same run names). Default, for the next lent GPU
-# (README lessons 15-16): seeds 8-15 of the default (warm-up half the run) and of WILDCAT, to tell whether
-# min-max's +2.2 PxAP over 8 seeds holds (16 paired seeds), and a warm-up of 40 of 60 epochs (seeds 0-3).
-# Crops vs epochs is settled on the CPU (lesson 16: at 60 epochs of 224 px, or 20 of 384, min-max does not
-# lead), so no 224 px sets any more: 20 runs, ~6 min
+# (README lessons 15-17): seeds 8-15 of the default (warm-up half the run) and of WILDCAT, to tell whether
+# min-max's +2.2 PxAP over 8 seeds holds (16 paired seeds), and the size prior on the batch's mean area
+# (seeds 0-3, paired with the first session's default and WILDCAT runs: lesson 17 found it level with WILDCAT
+# at 40 epochs of 224 px where the per-image prior fell 4.4 PxAP behind). Crops vs epochs is settled on the
+# CPU (lesson 16), so no 224 px sets any more: 20 runs, ~6 min
 SETS=${GLAS_SETS:-default:default::8+9+10+11+12+13+14+15 wildcat:wildcat::8+9+10+11+12+13+14+15 \
-default:w40:minmax_start=40:0+1+2+3}
-# SMOKE: two tiny runs whatever the sets' own seeds say (a 40-epoch warm-up cannot run in 2 epochs)
+default:br:size_prior=batch_range:0+1+2+3}
+# SMOKE: two tiny runs whatever the sets' own seeds say
 [ "${SMOKE:-0}" = 1 ] && SETS=${GLAS_SETS:-default:default wildcat:wildcat}
 echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS unless a set names its own: $SETS"
 G=/tmp/glas_gpu
