@@ -395,7 +395,7 @@ class ModelConfig:
         or ``"batch_range"`` (the batch's mean area in [area_min, area_max], each image only non-empty);
         applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
         ``"range"`` is the default: on GlaS at 20 epochs ``"batch_range"`` tied it on PxAP at 2.2 less F1-
-        (8 seeds), at 40 epochs it ranked 4.4 PxAP higher (3 seeds; README, "What we learned" 17).
+        (8 seeds), at 40 epochs it ranked 2.8 PxAP higher (5 seeds; README, "What we learned" 17).
     area_min, area_max
         Bounds of the ``"range"`` and ``"batch_range"`` size priors (area fraction of the soft mask).
     minmax_start
