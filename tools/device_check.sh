@@ -52,9 +52,9 @@ fi
 # own, so "crop=224" overrides GLAS_CROP for that set, under the same run names). Default, for the next lent GPU
 # (README lessons 15-17): seeds 8-15 of the default (warm-up half the run) and of WILDCAT, to tell whether
 # min-max's +2.2 PxAP over 8 seeds holds (16 paired seeds), and the size prior on the batch's mean area
-# (seeds 0-3, paired with the first session's default and WILDCAT runs: lesson 17 found it level with WILDCAT
-# at 40 epochs of 224 px where the per-image prior fell 4.4 PxAP behind). Crops vs epochs is settled on the
-# CPU (lesson 16), so no 224 px sets any more: 20 runs, ~6 min
+# (seeds 0-3, paired with the first session's default and WILDCAT runs: lesson 17 found it above WILDCAT
+# at 40 epochs of 224 px where the per-image prior fell 1.8 PxAP behind, 5 seeds). Crops vs epochs is settled
+# on the CPU (lesson 16), so no 224 px sets any more: 20 runs, ~6 min
 SETS=${GLAS_SETS:-default:default::8+9+10+11+12+13+14+15 wildcat:wildcat::8+9+10+11+12+13+14+15 \
 default:br:size_prior=batch_range:0+1+2+3}
 # SMOKE: two tiny runs whatever the sets' own seeds say

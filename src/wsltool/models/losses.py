@@ -53,7 +53,7 @@ def size_loss(
         Barrier parameter (grows during training).
     mode
         ``"absolute"`` (TMI: both regions non-empty, constraints ``-s+ <= 0`` and ``-s- <= 0`` with ``s``
-        the area fractions of m and 1 - m) or ``"range"`` (the area fraction of m kept in
+        the area fractions of m and 1 - m), ``"range"`` (the area fraction of m kept in
         ``[area_min, area_max]`` in every image) or ``"batch_range"`` (the batch's mean area in
         ``[area_min, area_max]``, each image only non-empty and non-full as ``"absolute"``: a prior on the
         data set's area that lets a crop with few or many glands have a small or large mask).
@@ -66,13 +66,13 @@ def size_loss(
         Scalar loss.
     """
     a = mask.float().flatten(1).mean(dim=1)
-    if mode == "absolute":
-        return (log_barrier(-a, t) + log_barrier(-(1 - a), t)).mean()
     if mode == "range":
         return (log_barrier(a - area_max, t) + log_barrier(area_min - a, t)).mean()
+    nonempty = (log_barrier(-a, t) + log_barrier(-(1 - a), t)).mean()
+    if mode == "absolute":
+        return nonempty
     if mode == "batch_range":
         m = a.mean()
-        per_image = (log_barrier(-a, t) + log_barrier(-(1 - a), t)).mean()
-        return per_image + log_barrier(m - area_max, t) + log_barrier(area_min - m, t)
+        return nonempty + log_barrier(m - area_max, t) + log_barrier(area_min - m, t)
     msg = f"unknown size prior mode {mode!r}"
     raise ValueError(msg)
