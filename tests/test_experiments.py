@@ -1,0 +1,61 @@
+"""The paired-seed comparison behind the README's "above" / "clearly above" wording."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_paired():
+    spec = importlib.util.spec_from_file_location("glas_paired", ROOT / "tools/experiments/glas_paired.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _runs(root: Path, tag: str, pxap: list[float], names: list[str] | None = None) -> None:
+    for i, v in enumerate(pxap):
+        d = root / (names[i] if names else f"{tag}_seed{i}")
+        d.mkdir(parents=True)
+        r = {m: 50.0 for m in ("pixel_auc", "f1_pos", "f1_neg", "area", "error")}
+        (d / "result.json").write_text(json.dumps({**r, "pxap": v, "train": {"seed": i}}))
+
+
+def test_sign_flip_p_exact() -> None:
+    gp = _load_paired()
+    assert gp.sign_flip_p([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # all + or all - are as extreme
+    assert gp.sign_flip_p([float(i) for i in range(1, 9)]) == pytest.approx(2 / 256)
+    # 3, -1: flips with |sum| >= 2 are (3,-1), (-3,1), (3,1), (-3,-1) -> 4 of 4
+    assert gp.sign_flip_p([3.0, -1.0]) == pytest.approx(1.0)
+
+
+def test_pairs_by_the_seed_in_result_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gp = _load_paired()
+    a = [70.0 + i for i in range(8)]
+    b = [v - 2.0 - 0.1 * i for i, v in enumerate(a)]  # A higher on every seed, by 2.0-2.7
+    _runs(tmp_path, "A", a)
+    # B's seed 0 has an irregular name, as WILDCAT's seed-0 run at the CPU budget does
+    _runs(tmp_path, "B", b, names=["B_blocks"] + [f"B_seed{i}" for i in range(1, 8)])
+    r = gp.compare(gp.load_family([str(tmp_path / "A_seed*")]), gp.load_family([str(tmp_path / "B_*")]), "pxap")
+    assert r["n"] == 8 and r["higher"] == 8
+    assert r["diff"] == pytest.approx(2.35)
+    assert r["lo"] > 0 and r["p"] == pytest.approx(2 / 256)
+    assert gp.main(["--a", str(tmp_path / "A_seed*"), "--b", str(tmp_path / "B_*"), "--metrics", "pxap"]) == 0
+    assert "PxAP: A is clearly above B" in capsys.readouterr().out
+    # five seeds cannot be "clearly" above, however consistent
+    assert gp.main(["--a", str(tmp_path / "A_seed[0-4]"), "--b", str(tmp_path / "B_*"), "--metrics", "pxap"]) == 0
+    assert "PxAP: A is above B" in capsys.readouterr().out
+
+
+def test_duplicate_seed_refused(tmp_path: Path) -> None:
+    gp = _load_paired()
+    _runs(tmp_path / "x", "A", [70.0])
+    _runs(tmp_path / "y", "A", [71.0])
+    with pytest.raises(SystemExit, match="seed 0 twice"):
+        gp.load_family([str(tmp_path / "x/A_seed*"), str(tmp_path / "y/A_seed*")])
