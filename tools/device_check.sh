@@ -50,7 +50,7 @@ fi
 # GLAS_SETS: space-separated "preset:tag[:key=value,key=value[:seed+seed...]]" (the seeds default to GLAS_SEEDS;
 # e.g. "default:default::4+5" runs seeds 4 and 5 of the default; a set's key=value pairs come after the script's
 # own, so "crop=224" overrides GLAS_CROP for that set, under the same run names). Default, for the next lent GPU
-# (README lessons 15-17): seeds 8-15 of the default (warm-up half the run) and of WILDCAT, to tell whether
+# (docs/glas.md, lessons 15-17): seeds 8-15 of the default (warm-up half the run) and of WILDCAT, to tell whether
 # min-max's +2.2 PxAP over 8 seeds holds (16 paired seeds), and the size prior on the batch's mean area
 # (seeds 0-3, paired with the first session's default and WILDCAT runs: lesson 17 found it above WILDCAT
 # at 40 epochs of 224 px where the per-image prior fell 1.8 PxAP behind, 5 seeds). Crops vs epochs is settled

@@ -395,7 +395,8 @@ class ModelConfig:
         or ``"batch_range"`` (the batch's mean area in [area_min, area_max], each image only non-empty);
         applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
         ``"range"`` is the default: on GlaS at 20 epochs ``"batch_range"`` tied it on PxAP at 2.2 less F1-
-        (8 seeds), at 40 epochs it ranked 2.8 PxAP higher (5 seeds; README, "What we learned" 17).
+        (8 seeds); at 40 epochs it ranked higher over 5 seeds and not clearly so over 10 (docs/glas.md,
+        lessons 17 and 18).
     area_min, area_max
         Bounds of the ``"range"`` and ``"batch_range"`` size priors (area fraction of the soft mask).
     minmax_start
@@ -406,7 +407,7 @@ class ModelConfig:
         on stroma depending on the seed (GlaS valid pixel AUC 73 / 58 / 36 / 45 over four seeds); 10 of 20
         epochs gave PxAP 68.2 over 8 seeds, at WILDCAT's level (68.5).  At 60 epochs of 384 px crops a fixed
         10-epoch warm-up gave PxAP 69.7, 20 epochs 72.7 (4 seeds) and 30, half the run, 74.6 over 8 seeds,
-        above WILDCAT's 72.4 (README, "What we learned" 15).  An integer is a number of epochs (a warning when
+        above WILDCAT's 72.4 (docs/glas.md, lesson 15).  An integer is a number of epochs (a warning when
         longer than half the run, an error when the min-max terms would never run).
     erase_passes, erase_sigma, erase_start
         Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
@@ -428,7 +429,7 @@ class ModelConfig:
         localizer's backbone) or ``"own"`` (a second copy of the backbone for the classifier, set to the
         localizer's backbone when the min-max terms start, so both begin from the warmed-up features and only
         then part; same FLOPs, twice the backbone parameters).  GlaS valid, 8 seeds: PxAP 68.1 (own) vs 68.2
-        (shared), pixel AUC 70.7 both; six seeds had suggested +0.8 for ``"own"`` (README, lesson 14).
+        (shared), pixel AUC 70.7 both; six seeds had suggested +0.8 for ``"own"`` (docs/glas.md, lesson 14).
     padding
         Convolution padding of the backbone: ``"zeros"`` (as pretrained) or ``"replicate"`` (no border
         features for the mask to latch onto).

@@ -10,7 +10,7 @@ Usage::
 
     .venv/bin/python tools/experiments/glas_ensemble.py /tmp/glas2/W10_seed{0,1,2,3,4,5}/best.pt --tta d4
 
-Measured: README, "GlaS" (ensembles and test-time augmentation).
+Measured: docs/glas.md, "Averaging seeds and views".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Paired comparison of two GlaS run families over the seeds they share: is A above B, and how clearly?
 
-With 18 ``valid`` images the seed moves PxAP by 5-10 points (README lesson 3), so two methods are compared
+With 18 ``valid`` images the seed moves PxAP by 5-10 points (docs/glas.md, lesson 3), so two methods are compared
 seed by seed (same seed = same crops, same initial heads, and for min-max runs after a warm-up the same
 warm-up epochs as the default's run of that seed).  For each metric this prints the means, the paired
 difference A - B with its standard error, a 95 % t interval, how many seeds A is higher on, and an exact

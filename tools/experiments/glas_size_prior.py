@@ -1,6 +1,6 @@
 """Does a per-image size prior fit GlaS crops, and does a model's mask size follow the glands?
 
-Two diagnostics behind README lesson 17:
+Two diagnostics behind lesson 17 of docs/glas.md:
 
 1. The gland fraction of random training crops (``--crops 224 384``, 50 per image of the 67 ``train`` images)
    against the default ``range`` prior's bounds: the share of crops the per-image prior pulls the wrong way.
