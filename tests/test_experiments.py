@@ -33,6 +33,10 @@ def test_sign_flip_p_exact() -> None:
     assert gp.sign_flip_p([float(i) for i in range(1, 9)]) == pytest.approx(2 / 256)
     # 3, -1: flips with |sum| >= 2 are (3,-1), (-3,1), (3,1), (-3,-1) -> 4 of 4
     assert gp.sign_flip_p([3.0, -1.0]) == pytest.approx(1.0)
+    # beyond 20 seeds: random flips, close to the exact value (24 positive differences: p = 2 / 2^24)
+    assert gp.sign_flip_p([1.0] * 24) == pytest.approx(0.0, abs=1e-4)
+    mixed = [1.0] * 14 + [-1.0] * 10  # exact: P(|sum of 24 signs| >= 4) = 0.5413
+    assert gp.sign_flip_p(mixed) == pytest.approx(0.5413, abs=0.005)
 
 
 def test_pairs_by_the_seed_in_result_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

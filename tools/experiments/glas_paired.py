@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import json
 import math
 import statistics as st
 import sys
 from pathlib import Path
+
+import numpy as np
 
 METRICS = ("pxap", "pixel_auc", "f1_pos", "f1_neg", "area", "error")
 
@@ -51,15 +52,22 @@ def load_family(patterns: list[str]) -> dict[int, dict]:
     return out
 
 
-def sign_flip_p(diffs: list[float]) -> float:
-    """Exact two-sided p-value of the mean difference under random sign flips (2^n permutations)."""
-    n = len(diffs)
-    obs = abs(sum(diffs))
-    hits = 0
-    for signs in itertools.product((1, -1), repeat=n):
-        if abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= obs - 1e-12:
-            hits += 1
-    return hits / 2**n
+def sign_flip_p(diffs: list[float], draws: int = 200_000) -> float:
+    """Two-sided p-value of the mean difference under random sign flips.
+
+    Exact (all 2^n flips) up to 20 differences; beyond that ``draws`` random flips from a fixed seed (the
+    Monte Carlo error of p is below 0.002 at p = 0.05).
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = d.size
+    if n == 0:
+        return math.nan
+    obs = abs(d.sum()) - 1e-12
+    if n <= 20:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(np.int8)
+    else:
+        signs = np.random.default_rng(0).choice(np.array([1, -1], dtype=np.int8), size=(draws, n))
+    return float((np.abs(signs @ d) >= obs).mean())
 
 
 def compare(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict[str, float]:
@@ -82,7 +90,7 @@ def compare(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict[str, fl
         "lo": mean - half,
         "hi": mean + half,
         "higher": sum(d > 0 for d in diffs),
-        "p": sign_flip_p(diffs) if 0 < n <= 20 else math.nan,
+        "p": sign_flip_p(diffs),
     }
 
 
