@@ -63,3 +63,36 @@ def test_duplicate_seed_refused(tmp_path: Path) -> None:
     _runs(tmp_path / "y", "A", [71.0])
     with pytest.raises(SystemExit, match="seed 0 twice"):
         gp.load_family([str(tmp_path / "x/A_seed*"), str(tmp_path / "y/A_seed*")])
+
+
+def _load_ensemble_paired():
+    spec = importlib.util.spec_from_file_location(
+        "glas_ensemble_paired", ROOT / "tools/experiments/glas_ensemble_paired.py"
+    )
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_groups_are_disjoint_and_drop_the_remainder() -> None:
+    ge = _load_ensemble_paired()
+    assert ge.seed_groups([5, 0, 3, 1, 2, 4, 6], 2) == [(0, 1), (2, 3), (4, 5)]
+    assert ge.seed_groups(list(range(8)), 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert ge.seed_groups([0, 1, 2], 4) == []
+
+
+def test_ensemble_maps_average_then_renormalise() -> None:
+    import numpy as np
+
+    ge = _load_ensemble_paired()
+    a = [np.array([[0.0, 1.0], [0.5, 0.5]])]
+    b = [np.array([[0.0, 0.0], [1.0, 0.0]])]
+    (m,) = ge.ensemble_maps([a, b])  # mean [[0, .5], [.75, .25]] -> / 0.75
+    np.testing.assert_allclose(m, [[0.0, 2 / 3], [1.0, 1 / 3]], atol=1e-6)
+    # a perfect map scores PxAP and pixel AUC 100, its complement pixel AUC 0
+    gt = np.array([[False, True], [True, False]])
+    perfect = ge.score([gt.astype(float)], [gt])
+    assert perfect["pxap"] == pytest.approx(100.0) and perfect["pixel_auc"] == pytest.approx(100.0)
+    assert perfect["f1_pos"] == pytest.approx(100.0) and perfect["area"] == pytest.approx(50.0)
+    assert ge.score([1.0 - gt.astype(float)], [gt])["pixel_auc"] == pytest.approx(0.0)

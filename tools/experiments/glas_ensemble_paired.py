@@ -1,0 +1,161 @@
+"""Paired comparison of *ensembles* of two GlaS run families: disjoint seed groups, one ensemble per group.
+
+``glas_ensemble.py`` scores every subset of one family's seeds, so its figures for k models share members and
+cannot be compared pair by pair.  Here the seeds both families have are cut, in seed order, into disjoint groups
+of ``k`` (a remainder is dropped); family A's ensemble of a group is compared with family B's ensemble of the
+same seeds, and the groups play the part that seeds play in ``glas_paired.py`` (same statistics: 95 % t
+interval, groups higher, sign-flip p; *clearly above* needs at least 8 groups, the interval above zero and
+p < 0.05).  An ensemble's M+ is its members' normalised M+ averaged and normalised again, exactly as
+``wsltool.models.Ensemble`` does; ``--tta`` averages each member over flipped / rotated views first.
+
+Each checkpoint's maps on the 18 ``valid`` images are cached beside it (``maps_<tta>.npz``, float16), so a
+second comparison over the same runs loads no model.
+
+Usage::
+
+    .venv/bin/python tools/experiments/glas_ensemble_paired.py --a '/tmp/glas2/W10_seed*' \\
+        --b '/tmp/glas2/C2_seed*' --b /tmp/glas2/C2_wildcat_blocks --k 2 --tta none
+
+Measured: docs/glas.md, lesson 19.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import wsltool  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+HERE = Path(__file__).resolve().parent
+METRICS = ("pxap", "pixel_auc", "f1_pos", "f1_neg", "area")
+
+
+def _paired_module() -> Any:
+    spec = importlib.util.spec_from_file_location("glas_paired", HERE / "glas_paired.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def seed_groups(seeds: Sequence[int], k: int) -> list[tuple[int, ...]]:
+    """``seeds`` (sorted) cut into consecutive disjoint groups of ``k``; a remainder shorter than ``k`` is dropped."""
+    s = sorted(seeds)
+    return [tuple(s[i : i + k]) for i in range(0, len(s) - k + 1, k)]
+
+
+def ensemble_maps(members: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Per image, the members' maps averaged and min-max normalised again (as ``wsltool.models.Ensemble``)."""
+    out = []
+    for j in range(len(members[0])):
+        a = np.mean([np.asarray(m[j], dtype=np.float64) for m in members], axis=0)
+        out.append((a - a.min()) / (a.max() - a.min() + 1e-8))
+    return out
+
+
+def score(maps: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[str, float]:
+    """``wsltool eval``'s localization metrics (x100) of per-image maps in [0, 1] against boolean masks."""
+    from wsltool.evaluate import PixelCurve, image_metrics
+
+    curve = PixelCurve()
+    rows = []
+    for h, gt in zip(maps, gts, strict=True):
+        curve.add(h, gt)
+        rows.append(image_metrics(h, gt))
+    r = {k: 100.0 * float(np.mean([x[k] for x in rows])) for k in ("f1_pos", "f1_neg", "area")}
+    r["pxap"] = 100.0 * curve.ap()
+    r["pixel_auc"] = 100.0 * curve.auc()
+    return r
+
+
+def checkpoint_maps(run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """M+ of ``run/ckpt`` on ``images`` (cached in ``run/maps_<tta>.npz``, keyed by the checkpoint's mtime)."""
+    import torch
+
+    from wsltool.models import with_tta
+    from wsltool.train.checkpoint import load_checkpoint
+    from wsltool.train.glas import GLAS_CLASSES
+
+    path = run / ckpt
+    cache = run / f"maps_{Path(ckpt).stem}_{tta}.npz"
+    stamp = str(path.stat().st_mtime_ns)
+    if cache.is_file():
+        z = np.load(cache)
+        if str(z["stamp"]) == stamp and len(z.files) - 1 == len(images):
+            return [z[f"m{j}"].astype(np.float64) for j in range(len(images))]
+    model, _ = load_checkpoint(path, class_names=GLAS_CLASSES)
+    net = with_tta(model, tta)
+    maps = []
+    for img in images:
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            maps.append(net.localize(x)["mplus"][0].float().cpu().numpy().astype(np.float64))
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    np.savez(tmp, stamp=np.array(stamp), **{f"m{j}": m.astype(np.float16) for j, m in enumerate(maps)})
+    tmp.replace(cache)
+    return maps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", action="append", required=True, help="glob of family A's run folders (repeatable)")
+    ap.add_argument("--b", action="append", required=True, help="glob of family B's run folders (repeatable)")
+    ap.add_argument("--k", type=int, default=2, help="models per ensemble (disjoint groups of seeds)")
+    ap.add_argument("--tta", default="none", choices=["none", "flips", "d4"])
+    ap.add_argument("--ckpt", default="best.pt", help="checkpoint file inside each run folder")
+    ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data" / "glas"))
+    ap.add_argument("--work", default="/tmp/glas_ensemble")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from wsltool.train.data import find_mask, read_image, read_mask
+    from wsltool.train.glas import glas_items
+
+    torch.set_num_threads(args.threads)
+    gp = _paired_module()
+    fam_a, fam_b = gp.load_family(args.a), gp.load_family(args.b)
+    groups = seed_groups(sorted(set(fam_a) & set(fam_b)), args.k)
+    if not groups:
+        print(
+            f"error: fewer than {args.k} shared seeds (A has {sorted(fam_a)}, B has {sorted(fam_b)})", file=sys.stderr
+        )
+        return 2
+    images, gts = [], []
+    for it in glas_items(args.data, work_dir=args.work):
+        if it.split == "valid":
+            img = read_image(it.path)
+            mp = find_mask(it)
+            assert mp is not None, it.path
+            images.append(img)
+            gts.append(read_mask(mp, img.shape[:2]))
+
+    res: dict[str, dict[int, dict]] = {"A": {}, "B": {}}
+    for name, fam in (("A", fam_a), ("B", fam_b)):
+        for g, seeds in enumerate(groups):
+            members = [checkpoint_maps(Path(fam[s]["_dir"]), args.ckpt, args.tta, images) for s in seeds]
+            res[name][g] = score(ensemble_maps(members), gts)
+            print(f"{name} group {g} seeds {list(seeds)}: PxAP {res[name][g]['pxap']:5.1f}", flush=True)
+    print(f"groups of {args.k} (tta {args.tta}): {[list(g) for g in groups]}")
+    print(f"{'metric':10s} {'A':>6s} {'B':>6s} {'A-B':>6s} {'se':>5s} {'95% interval':>16s} {'higher':>7s} {'p':>6s}")
+    for m in METRICS:
+        r = gp.compare(res["A"], res["B"], m)
+        print(
+            f"{m:10s} {r['a']:6.1f} {r['b']:6.1f} {r['diff']:+6.1f} {r['se']:5.1f} "
+            f"[{r['lo']:+6.1f}, {r['hi']:+6.1f}] {r['higher']:3d}/{r['n']:<3d} {r['p']:6.3f}"
+        )
+    r = gp.compare(res["A"], res["B"], "pxap")
+    clearly = r["n"] >= 8 and r["lo"] > 0 and r["p"] < 0.05
+    print(f"PxAP: A's ensembles are {'clearly above' if clearly else 'above' if r['diff'] > 0 else 'not above'} B's")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
