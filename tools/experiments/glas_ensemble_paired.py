@@ -36,12 +36,18 @@ HERE = Path(__file__).resolve().parent
 METRICS = ("pxap", "pixel_auc", "f1_pos", "f1_neg", "area")
 
 
-def _paired_module() -> Any:
-    spec = importlib.util.spec_from_file_location("glas_paired", HERE / "glas_paired.py")
+def _sibling(name: str) -> Any:
+    """Another script of this folder, loaded as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+_ens = _sibling("glas_ensemble")
+ensemble_maps = _ens.ensemble_maps  # re-exported: the members' normalised maps averaged, normalised again
+score = _ens.score  # re-exported: wsltool eval's localization metrics
 
 
 def seed_groups(seeds: Sequence[int], k: int) -> list[tuple[int, ...]]:
@@ -50,35 +56,8 @@ def seed_groups(seeds: Sequence[int], k: int) -> list[tuple[int, ...]]:
     return [tuple(s[i : i + k]) for i in range(0, len(s) - k + 1, k)]
 
 
-def ensemble_maps(members: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-    """Per image, the members' maps averaged and min-max normalised again (as ``wsltool.models.Ensemble``)."""
-    out = []
-    for j in range(len(members[0])):
-        a = np.mean([np.asarray(m[j], dtype=np.float64) for m in members], axis=0)
-        out.append((a - a.min()) / (a.max() - a.min() + 1e-8))
-    return out
-
-
-def score(maps: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[str, float]:
-    """``wsltool eval``'s localization metrics (x100) of per-image maps in [0, 1] against boolean masks."""
-    from wsltool.evaluate import PixelCurve, image_metrics
-
-    curve = PixelCurve()
-    rows = []
-    for h, gt in zip(maps, gts, strict=True):
-        curve.add(h, gt)
-        rows.append(image_metrics(h, gt))
-    r = {k: 100.0 * float(np.mean([x[k] for x in rows])) for k in ("f1_pos", "f1_neg", "area")}
-    r["pxap"] = 100.0 * curve.ap()
-    r["pixel_auc"] = 100.0 * curve.auc()
-    return r
-
-
 def checkpoint_maps(run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """M+ of ``run/ckpt`` on ``images`` (cached in ``run/maps_<tta>.npz``, keyed by the checkpoint's mtime)."""
-    import torch
-
-    from wsltool.models import with_tta
+    """M+ of ``run/ckpt`` on ``images`` (cached in ``run/maps_<ckpt>_<tta>.npz``, keyed by the checkpoint's mtime)."""
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import GLAS_CLASSES
 
@@ -90,14 +69,10 @@ def checkpoint_maps(run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray]
         if str(z["stamp"]) == stamp and len(z.files) - 1 == len(images):
             return [z[f"m{j}"].astype(np.float64) for j in range(len(images))]
     model, _ = load_checkpoint(path, class_names=GLAS_CLASSES)
-    net = with_tta(model, tta)
-    maps = []
-    for img in images:
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
-        with torch.inference_mode():
-            maps.append(net.localize(x)["mplus"][0].float().cpu().numpy().astype(np.float64))
+    maps: list[np.ndarray] = _ens.model_maps(model, tta, images)
     tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, stamp=np.array(stamp), **{f"m{j}": m.astype(np.float16) for j, m in enumerate(maps)})
+    arrays: dict[str, Any] = {f"m{j}": m.astype(np.float16) for j, m in enumerate(maps)}
+    np.savez(tmp, stamp=np.array(stamp), **arrays)
     tmp.replace(cache)
     return maps
 
@@ -109,18 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=2, help="models per ensemble (disjoint groups of seeds)")
     ap.add_argument("--tta", default="none", choices=["none", "flips", "d4"])
     ap.add_argument("--ckpt", default="best.pt", help="checkpoint file inside each run folder")
-    ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data" / "glas"))
+    ap.add_argument("--data", default=_ens.DEFAULT_DATA)
     ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     import torch
 
-    from wsltool.train.data import find_mask, read_image, read_mask
-    from wsltool.train.glas import glas_items
-
     torch.set_num_threads(args.threads)
-    gp = _paired_module()
+    gp = _sibling("glas_paired")
     fam_a, fam_b = gp.load_family(args.a), gp.load_family(args.b)
     groups = seed_groups(sorted(set(fam_a) & set(fam_b)), args.k)
     if not groups:
@@ -128,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: fewer than {args.k} shared seeds (A has {sorted(fam_a)}, B has {sorted(fam_b)})", file=sys.stderr
         )
         return 2
-    images, gts = [], []
-    for it in glas_items(args.data, work_dir=args.work):
-        if it.split == "valid":
-            img = read_image(it.path)
-            mp = find_mask(it)
-            assert mp is not None, it.path
-            images.append(img)
-            gts.append(read_mask(mp, img.shape[:2]))
+    images, gts = _ens.valid_set(args.data, args.work)
 
     res: dict[str, dict[int, dict]] = {"A": {}, "B": {}}
     for name, fam in (("A", fam_a), ("B", fam_b)):
