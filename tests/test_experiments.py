@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_paired():
-    spec = importlib.util.spec_from_file_location("glas_paired", ROOT / "tools/experiments/glas_paired.py")
+def _load_paired(name: str = "glas_paired"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"tools/experiments/{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -66,13 +66,7 @@ def test_duplicate_seed_refused(tmp_path: Path) -> None:
 
 
 def _load_ensemble_paired():
-    spec = importlib.util.spec_from_file_location(
-        "glas_ensemble_paired", ROOT / "tools/experiments/glas_ensemble_paired.py"
-    )
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_paired("glas_ensemble_paired")
 
 
 def test_seed_groups_are_disjoint_and_drop_the_remainder() -> None:

@@ -109,16 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             res[name][g] = score(ensemble_maps(members), gts)
             print(f"{name} group {g} seeds {list(seeds)}: PxAP {res[name][g]['pxap']:5.1f}", flush=True)
     print(f"groups of {args.k} (tta {args.tta}): {[list(g) for g in groups]}")
-    print(f"{'metric':10s} {'A':>6s} {'B':>6s} {'A-B':>6s} {'se':>5s} {'95% interval':>16s} {'higher':>7s} {'p':>6s}")
-    for m in METRICS:
-        r = gp.compare(res["A"], res["B"], m)
-        print(
-            f"{m:10s} {r['a']:6.1f} {r['b']:6.1f} {r['diff']:+6.1f} {r['se']:5.1f} "
-            f"[{r['lo']:+6.1f}, {r['hi']:+6.1f}] {r['higher']:3d}/{r['n']:<3d} {r['p']:6.3f}"
-        )
-    r = gp.compare(res["A"], res["B"], "pxap")
-    clearly = r["n"] >= 8 and r["lo"] > 0 and r["p"] < 0.05
-    print(f"PxAP: A's ensembles are {'clearly above' if clearly else 'above' if r['diff'] > 0 else 'not above'} B's")
+    print(f"PxAP: A's ensembles are {gp.report(res['A'], res['B'], METRICS)} B's")
     return 0
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import statistics as st
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,25 @@ def compare(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict[str, fl
     }
 
 
+def verdict(r: dict[str, float]) -> str:
+    """``"clearly above"`` (at least 8 pairs, 95 % interval above zero, p < 0.05), ``"above"`` or ``"not above"``."""
+    if r["n"] >= 8 and r["lo"] > 0 and r["p"] < 0.05:
+        return "clearly above"
+    return "above" if r["diff"] > 0 else "not above"
+
+
+def report(a: dict[int, dict], b: dict[int, dict], metrics: Sequence[str]) -> str:
+    """Print one row of paired statistics per metric; return the :func:`verdict` on PxAP."""
+    print(f"{'metric':10s} {'A':>6s} {'B':>6s} {'A-B':>6s} {'se':>5s} {'95% interval':>16s} {'higher':>7s} {'p':>6s}")
+    for m in metrics:
+        r = compare(a, b, m)
+        print(
+            f"{m:10s} {r['a']:6.1f} {r['b']:6.1f} {r['diff']:+6.1f} {r['se']:5.1f} "
+            f"[{r['lo']:+6.1f}, {r['hi']:+6.1f}] {r['higher']:3d}/{r['n']:<3d} {r['p']:6.3f}"
+        )
+    return verdict(compare(a, b, "pxap"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", action="append", required=True, help="glob of family A's run folders (repeatable)")
@@ -106,16 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no shared seeds (A has {sorted(a)}, B has {sorted(b)})", file=sys.stderr)
         return 2
     print(f"paired seeds: {seeds}")
-    print(f"{'metric':10s} {'A':>6s} {'B':>6s} {'A-B':>6s} {'se':>5s} {'95% interval':>16s} {'higher':>7s} {'p':>6s}")
-    for m in args.metrics:
-        r = compare(a, b, m)
-        print(
-            f"{m:10s} {r['a']:6.1f} {r['b']:6.1f} {r['diff']:+6.1f} {r['se']:5.1f} "
-            f"[{r['lo']:+6.1f}, {r['hi']:+6.1f}] {r['higher']:3d}/{r['n']:<3d} {r['p']:6.3f}"
-        )
-    r = compare(a, b, "pxap")
-    clearly = r["n"] >= 8 and r["lo"] > 0 and r["p"] < 0.05
-    print(f"PxAP: A is {'clearly above' if clearly else 'above' if r['diff'] > 0 else 'not above'} B")
+    print(f"PxAP: A is {report(a, b, args.metrics)} B")
     return 0
 
 
