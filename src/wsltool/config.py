@@ -408,8 +408,8 @@ class ModelConfig:
         epochs gave PxAP 67.9 over 22 seeds, level with WILDCAT's 67.0 (lesson 19).  At 60 epochs of 384 px
         crops a fixed 10-epoch warm-up gave PxAP 69.7, 20 epochs 72.7 (4 seeds) and 30, half the run, 74.6
         over 8 seeds (docs/glas.md, lesson 15); over 18 seeds 74.2, level with WILDCAT's 73.0 (lesson 20).
-        An integer is a number of epochs (a
-        warning when longer than half the run, an error when the min-max terms would never run).
+        An integer is a number of epochs (a warning when longer than half the run, an error when the min-max
+        terms would never run).
     erase_passes, erase_sigma, erase_start
         Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
     bn_mode
