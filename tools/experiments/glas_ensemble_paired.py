@@ -8,15 +8,15 @@ interval, groups higher, sign-flip p; *clearly above* needs at least 8 groups, t
 p < 0.05).  An ensemble's M+ is its members' normalised M+ averaged and normalised again, exactly as
 ``wsltool.models.Ensemble`` does; ``--tta`` averages each member over flipped / rotated views first.
 
-Each checkpoint's maps on the 18 ``valid`` images are cached beside it (``maps_<tta>.npz``, float16), so a
-second comparison over the same runs loads no model.
+Each checkpoint's maps on the 18 ``valid`` images are cached beside it (``maps_<checkpoint stem>_<tta>.npz``,
+float16, keyed by the checkpoint's mtime), so a second comparison over the same runs loads no model.
 
 Usage::
 
     .venv/bin/python tools/experiments/glas_ensemble_paired.py --a '/tmp/glas2/W10_seed*' \\
         --b '/tmp/glas2/C2_seed*' --b /tmp/glas2/C2_wildcat_blocks --k 2 --tta none
 
-Measured: docs/glas.md, lesson 19.
+Measured: docs/glas.md, lessons 19 (seeds 0-21) and 21 (the confirmatory test, seeds 22-37).
 """
 
 from __future__ import annotations
