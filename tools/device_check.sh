@@ -50,9 +50,10 @@ fi
 # GLAS_SETS: space-separated "preset:tag[:key=value,key=value[:seed+seed...]]" (the seeds default to GLAS_SEEDS;
 # e.g. "default:default::4+5" runs seeds 4 and 5 of the default; a set's key=value pairs come after the script's
 # own, so "crop=224" overrides GLAS_CROP for that set, under the same run names). Default: the default and
-# WILDCAT alone on GLAS_SEEDS. Seeds 0-17 of both at 60 epochs of 384 px are measured (docs/glas.md, lesson 20:
-# level, PxAP +1.2, p 0.16, 18 seeds); what is not is whether a longer run separates them, so the next lent GPU
-# should run GLAS_EPOCHS=120 GLAS_SEEDS="0 1 2 3 4 5" SKIP_BENCH=1 (12 runs, ~6 min). The size prior on the
+# WILDCAT alone on GLAS_SEEDS. Measured (docs/glas.md): seeds 0-17 of both at 60 epochs of 384 px (lesson 20:
+# level, PxAP +1.2, p 0.16) and seeds 0-7 at 120 epochs (lesson 22: level, +1.4, p 0.23; GLAS_EPOCHS=120
+# GLAS_SEEDS="0 1 2 3 4 5 6 7" SKIP_TESTS=1 SKIP_BENCH=1 ENS_TAGS=none ENS_S=0 DEADLINE_S=545: 16 runs in 462 s
+# on an H100, so DEADLINE_S must be raised above the default 470 for it). The size prior on the
 # batch's mean area: GLAS_SETS="default:br:size_prior=batch_range:0+1+2+3" (level at 40 epochs, lesson 18).
 SETS=${GLAS_SETS:-default:default wildcat:wildcat}
 echo "== 3. ($(( $(date +%s) - T0 )) s) GlaS, $EPOCHS epochs, $CROP px crops, seeds $SEEDS unless a set names its own: $SETS"
