@@ -90,3 +90,36 @@ def test_ensemble_maps_average_then_renormalise() -> None:
     assert perfect["pxap"] == pytest.approx(100.0) and perfect["pixel_auc"] == pytest.approx(100.0)
     assert perfect["f1_pos"] == pytest.approx(100.0) and perfect["area"] == pytest.approx(50.0)
     assert ge.score([1.0 - gt.astype(float)], [gt])["pixel_auc"] == pytest.approx(0.0)
+
+
+def test_checkpoint_maps_are_cached_per_checkpoint_version(tmp_path: Path) -> None:
+    """Maps come from the real model on the given device, are cached, and are recomputed when the file changes."""
+    import os
+
+    import numpy as np
+
+    from wsltool.testing.models import make_checkpoint
+
+    ge = _load_ensemble_paired()
+    run = tmp_path / "W10_seed0"
+    run.mkdir()
+    make_checkpoint(run / "best.pt", seed=0)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(2)]
+    first = ge.checkpoint_maps(run, "best.pt", "none", images, "cpu")
+    assert [m.shape for m in first] == [(64, 96), (64, 96)]
+    assert all(m.min() >= 0.0 and m.max() <= 1.0 and m.std() > 0.01 for m in first)  # a real, non-constant M+
+    cache = run / "maps_best_none.npz"
+    assert cache.is_file()
+    # a cache hit returns the stored (float16) maps, not a recomputation: poison the cache to prove it
+    z = dict(np.load(cache))
+    z["m0"] = np.full_like(z["m0"], 0.25)
+    np.savez(cache, **z)
+    assert np.all(ge.checkpoint_maps(run, "best.pt", "none", images)[0] == 0.25)
+    # a new checkpoint (another mtime) is recomputed from the model, and the cache rewritten
+    make_checkpoint(run / "best.pt", seed=1)
+    st = (run / "best.pt").stat()
+    os.utime(run / "best.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = ge.checkpoint_maps(run, "best.pt", "none", images)
+    assert not np.all(again[0] == 0.25)
+    assert str(np.load(cache)["stamp"]) == str((run / "best.pt").stat().st_mtime_ns)

@@ -9,14 +9,15 @@ p < 0.05).  An ensemble's M+ is its members' normalised M+ averaged and normalis
 ``wsltool.models.Ensemble`` does; ``--tta`` averages each member over flipped / rotated views first.
 
 Each checkpoint's maps on the 18 ``valid`` images are cached beside it (``maps_<checkpoint stem>_<tta>.npz``,
-float16, keyed by the checkpoint's mtime), so a second comparison over the same runs loads no model.
+float16, keyed by the checkpoint's mtime), so a second comparison over the same runs loads no model.  Maps
+are computed on ``--device`` (default: CUDA when available, as ``glas_ensemble.py``).
 
 Usage::
 
     .venv/bin/python tools/experiments/glas_ensemble_paired.py --a '/tmp/glas2/W10_seed*' \\
         --b '/tmp/glas2/C2_seed*' --b /tmp/glas2/C2_wildcat_blocks --k 2 --tta none
 
-Measured: docs/glas.md, lessons 19 (seeds 0-21) and 21 (the confirmatory test, seeds 22-37).
+Measured: docs/glas.md, lessons 19 (seeds 0-21), 21 (the confirmatory test, seeds 22-37) and 22 (120 epochs).
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ def seed_groups(seeds: Sequence[int], k: int) -> list[tuple[int, ...]]:
     return [tuple(s[i : i + k]) for i in range(0, len(s) - k + 1, k)]
 
 
-def checkpoint_maps(run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """M+ of ``run/ckpt`` on ``images`` (cached in ``run/maps_<ckpt>_<tta>.npz``, keyed by the checkpoint's mtime)."""
+def checkpoint_maps(
+    run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray], device: Any = "cpu"
+) -> list[np.ndarray]:
+    """M+ of ``run/ckpt`` on ``images``, computed on ``device``.
+
+    Cached in ``run/maps_<ckpt stem>_<tta>.npz`` (float16), keyed by the checkpoint's mtime and the number of
+    images, not by the device (a cache written from a GPU run is read on the CPU and the other way round).
+    """
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import GLAS_CLASSES
 
@@ -69,7 +76,7 @@ def checkpoint_maps(run: Path, ckpt: str, tta: str, images: Sequence[np.ndarray]
         if str(z["stamp"]) == stamp and len(z.files) - 1 == len(images):
             return [z[f"m{j}"].astype(np.float64) for j in range(len(images))]
     model, _ = load_checkpoint(path, class_names=GLAS_CLASSES)
-    maps: list[np.ndarray] = _ens.model_maps(model, tta, images)
+    maps: list[np.ndarray] = _ens.model_maps(model.to(device), tta, images, device)
     tmp = cache.with_name(cache.name + ".tmp.npz")
     arrays: dict[str, Any] = {f"m{j}": m.astype(np.float16) for j, m in enumerate(maps)}
     np.savez(tmp, stamp=np.array(stamp), **arrays)
@@ -87,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=_ens.DEFAULT_DATA)
     ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gp = _sibling("glas_paired")
     fam_a, fam_b = gp.load_family(args.a), gp.load_family(args.b)
     groups = seed_groups(sorted(set(fam_a) & set(fam_b)), args.k)
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, dict[int, dict]] = {"A": {}, "B": {}}
     for name, fam in (("A", fam_a), ("B", fam_b)):
         for g, seeds in enumerate(groups):
-            members = [checkpoint_maps(Path(fam[s]["_dir"]), args.ckpt, args.tta, images) for s in seeds]
+            members = [checkpoint_maps(Path(fam[s]["_dir"]), args.ckpt, args.tta, images, dev) for s in seeds]
             res[name][g] = score(ensemble_maps(members), gts)
             print(f"{name} group {g} seeds {list(seeds)}: PxAP {res[name][g]['pxap']:5.1f}", flush=True)
     print(f"groups of {args.k} (tta {args.tta}): {[list(g) for g in groups]}")
