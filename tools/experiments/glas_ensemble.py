@@ -86,6 +86,7 @@ def score(maps: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[str, fl
 def main() -> int:
     import torch
 
+    from wsltool.infer.run import resolve_device
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import GLAS_CLASSES
 
@@ -95,11 +96,11 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--tta", default="d4", choices=["flips", "d4"], help="augmentation compared with none")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)  # the CLI's rule: "auto" = CUDA when available
     images, gts = valid_set(args.data, args.work)
 
     def fmt(r: dict[str, float]) -> str:

@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=_ens.DEFAULT_DATA)
     ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     args = ap.parse_args(argv)
 
     import torch
 
+    from wsltool.infer.run import resolve_device
+
     torch.set_num_threads(args.threads)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)  # the CLI's rule: "auto" = CUDA when available
     gp = _sibling("glas_paired")
     fam_a, fam_b = gp.load_family(args.a), gp.load_family(args.b)
     groups = seed_groups(sorted(set(fam_a) & set(fam_b)), args.k)
