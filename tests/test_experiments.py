@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_paired(name: str = "glas_paired"):
+def _load_tool(name: str = "glas_paired"):
     spec = importlib.util.spec_from_file_location(name, ROOT / f"tools/experiments/{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
@@ -28,7 +28,7 @@ def _runs(root: Path, tag: str, pxap: list[float], names: list[str] | None = Non
 
 
 def test_sign_flip_p_exact() -> None:
-    gp = _load_paired()
+    gp = _load_tool()
     assert gp.sign_flip_p([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # all + or all - are as extreme
     assert gp.sign_flip_p([float(i) for i in range(1, 9)]) == pytest.approx(2 / 256)
     # 3, -1: flips with |sum| >= 2 are (3,-1), (-3,1), (3,1), (-3,-1) -> 4 of 4
@@ -40,7 +40,7 @@ def test_sign_flip_p_exact() -> None:
 
 
 def test_pairs_by_the_seed_in_result_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    gp = _load_paired()
+    gp = _load_tool()
     a = [70.0 + i for i in range(8)]
     b = [v - 2.0 - 0.1 * i for i, v in enumerate(a)]  # A higher on every seed, by 2.0-2.7
     _runs(tmp_path, "A", a)
@@ -58,7 +58,7 @@ def test_pairs_by_the_seed_in_result_json(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_duplicate_seed_refused(tmp_path: Path) -> None:
-    gp = _load_paired()
+    gp = _load_tool()
     _runs(tmp_path / "x", "A", [70.0])
     _runs(tmp_path / "y", "A", [71.0])
     with pytest.raises(SystemExit, match="seed 0 twice"):
@@ -66,7 +66,7 @@ def test_duplicate_seed_refused(tmp_path: Path) -> None:
 
 
 def _load_ensemble_paired():
-    return _load_paired("glas_ensemble_paired")
+    return _load_tool("glas_ensemble_paired")
 
 
 def test_seed_groups_are_disjoint_and_drop_the_remainder() -> None:
