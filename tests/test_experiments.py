@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +124,37 @@ def test_checkpoint_maps_are_cached_per_checkpoint_version(tmp_path: Path) -> No
     again = ge.checkpoint_maps(run, "best.pt", "none", images)
     assert not np.all(again[0] == 0.25)
     assert str(np.load(cache)["stamp"]) == str((run / "best.pt").stat().st_mtime_ns)
+
+
+def test_evidence_variants_are_perfect_masks_in_normalised_space() -> None:
+    ev = _load_tool("glas_evidence")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    gt = np.zeros((64, 48), bool)
+    gt[16:48, 8:40] = True
+    flat = np.array([200, 150, 190], np.uint8)
+    glands = ev.variant_image(img, gt, "glands", flat)
+    stroma = ev.variant_image(img, gt, "stroma", flat)
+    sil = ev.variant_image(img, gt, "silhouette", flat)
+    # X+ keeps the gland pixels and fills the rest with 0 in normalised space (grey 128); X- the other way
+    assert np.array_equal(glands[gt], img[gt]) and (glands[~gt] == ev.GREY).all()
+    assert np.array_equal(stroma[~gt], img[~gt]) and (stroma[gt] == ev.GREY).all()
+    # the outline alone: no texture left anywhere
+    assert (sil[gt] == ev.GREY).all() and (sil[~gt] == flat).all()
+    with pytest.raises(ValueError, match="unknown variant"):
+        ev.variant_image(img, gt, "nope", flat)
+
+
+def test_evidence_map_mask_is_the_models_pseudo_binary_mask_at_stride_16() -> None:
+    ev = _load_tool("glas_evidence")
+    gt = np.zeros((64, 64), bool)
+    gt[:, :32] = True  # cells 0-1 of 4 are glands, on the 16 px grid
+    m = ev.map_mask(gt)
+    s = 1 / (1 + np.exp(-8 * 0.5))  # sigmoid(w (1 - sigma)) with w 8, sigma 0.5
+    assert m[:, :8] == pytest.approx(s, abs=1e-6)  # inside a gland cell, away from the bilinear ramp
+    assert m[:, -8:] == pytest.approx(1 - s, abs=1e-6)
+    # the boundary stays where the glands end, blurred by the cells
+    assert (m[:, 31] > 0.5).all() and (m[:, 32] < 0.5).all()
+    stroma16 = ev.variant_image(np.full((64, 64, 3), 228, np.uint8), gt, "stroma16", np.zeros(3, np.uint8))
+    # 128 + 100 (1 - m): nearly grey over the glands, nearly the image over the stroma
+    assert stroma16[0, 0, 0] == round(128 + 100 * (1 - s)) and stroma16[0, -1, 0] == round(128 + 100 * s)
