@@ -177,9 +177,7 @@ def run_one(work: Path, condition: str, method: str, seed: int, epochs: int, cro
     _, all_test = evaluate(model, by["test"], CLASSES)
     _, mal = evaluate(model, [it for it in by["test"] if it.label == "malignant"], CLASSES)
     result = {k: mal[k] for k in ("pxap", "pixel_auc", "f1_pos", "f1_neg", "area", "gt_area")}
-    result.update(
-        {"error": all_test["error"], "condition": condition, "method": method, "best_epoch": res.best_epoch}
-    )
+    result.update({"error": all_test["error"], "condition": condition, "method": method, "best_epoch": res.best_epoch})
     result["train"] = {"seed": seed, "epochs": epochs, "crop": crop}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "train"}))
