@@ -158,3 +158,23 @@ def test_evidence_map_mask_is_the_models_pseudo_binary_mask_at_stride_16() -> No
     stroma16 = ev.variant_image(np.full((64, 64, 3), 228, np.uint8), gt, "stroma16", np.zeros(3, np.uint8))
     # 128 + 100 (1 - m): nearly grey over the glands, nearly the image over the stroma
     assert stroma16[0, 0, 0] == round(128 + 100 * (1 - s)) and stroma16[0, -1, 0] == round(128 + 100 * s)
+
+
+def test_synthetic_evidence_conditions_differ_only_in_the_malignant_stroma() -> None:
+    se = _load_tool("synthetic_evidence")
+    for seed in (3, 4):
+        b_obj, b_les = se.synthetic_image(96, seed, False, "object")
+        b_both, _ = se.synthetic_image(96, seed, False, "both")
+        assert not b_les.any() and np.array_equal(b_obj, b_both)  # benign: no lesion, same image in both
+        m_obj, les = se.synthetic_image(96, seed, True, "object")
+        m_both, les2 = se.synthetic_image(96, seed, True, "both")
+        assert les.any() and np.array_equal(les, les2)  # the same lesions in both conditions
+
+        def dark(img: np.ndarray) -> np.ndarray:
+            return img.sum(2) < 150  # the stroma's small dark cells (nuclei are lighter)
+
+        assert dark(m_both)[~les].sum() > 2 * dark(m_obj)[~les].sum()  # evidence outside the lesion
+        # the lesion grades from its rim to its core: darker inside than in the stroma around it
+        assert m_obj[les].mean() < m_obj[~les].mean() - 10
+    with pytest.raises(ValueError, match="unknown condition"):
+        se.synthetic_image(96, 0, True, "nope")
