@@ -178,3 +178,12 @@ def test_synthetic_evidence_conditions_differ_only_in_the_malignant_stroma() -> 
         assert m_obj[les].mean() < m_obj[~les].mean() - 10
     with pytest.raises(ValueError, match="unknown condition"):
         se.synthetic_image(96, 0, True, "nope")
+
+
+def test_evidence_entropy_and_the_max_entropy_term() -> None:
+    ev = _load_tool("glas_evidence")
+    h, ce = ev._entropy([{"p_pred": 0.5}, {"p_pred": 0.5}])
+    assert h == pytest.approx(np.log(2)) and ce == pytest.approx(np.log(2))  # uniform: both at their ln 2
+    h, ce = ev._entropy([{"p_pred": 0.9}])
+    assert h == pytest.approx(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1)))
+    assert ce == pytest.approx(-0.5 * (np.log(0.9) + np.log(0.1)))  # 1.204: confident = far from the term's floor
