@@ -148,8 +148,21 @@ def prepare(work: Path, data_seed: int, size: int = 192) -> None:
     print(f"wrote {sum(SPLITS.values())} images per condition under {work}")
 
 
-def run_one(work: Path, condition: str, method: str, seed: int, epochs: int, crop: int) -> dict:
-    """Train one model on a condition's train split; score it on the malignant test images."""
+def run_one(
+    work: Path,
+    condition: str,
+    method: str,
+    seed: int,
+    epochs: int,
+    crop: int,
+    overrides: dict | None = None,
+    tag: str = "",
+) -> dict:
+    """Train one model on a condition's train split; score it on the malignant test images.
+
+    ``overrides`` are ``ModelConfig`` fields set for both methods (e.g. ``kmax``); ``tag`` goes into the run
+    folder's name, ``runs/<condition>_[<tag>_]<method>_seed<seed>``.
+    """
     import torch
 
     from wsltool.config import ModelConfig, TrainConfig
@@ -161,9 +174,10 @@ def run_one(work: Path, condition: str, method: str, seed: int, epochs: int, cro
     torch.set_num_threads(1)
     items = read_labels(work / condition / "labels.csv", class_names=CLASSES)
     by = {s: [it for it in items if it.split == s] for s in SPLITS}
-    out = work / "runs" / f"{condition}_{method}_seed{seed}"
+    out = work / "runs" / f"{condition}_{tag + '_' if tag else ''}{method}_seed{seed}"
     # the GlaS default without its size prior: [0.35, 0.65] of every crop is GlaS's gland share, not a lesion's
-    mcfg = ModelConfig(size_prior="none") if method == "minmax" else ModelConfig(method="wildcat")
+    base: dict = {"size_prior": "none"} if method == "minmax" else {"method": "wildcat"}
+    mcfg = ModelConfig(**{**base, **(overrides or {})})
     res = fit(
         by["train"],
         by["valid"],
@@ -179,6 +193,7 @@ def run_one(work: Path, condition: str, method: str, seed: int, epochs: int, cro
     result = {k: mal[k] for k in ("pxap", "pixel_auc", "f1_pos", "f1_neg", "area", "gt_area")}
     result.update({"error": all_test["error"], "condition": condition, "method": method, "best_epoch": res.best_epoch})
     result["train"] = {"seed": seed, "epochs": epochs, "crop": crop}
+    result["overrides"] = overrides or {}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "train"}))
     return result
@@ -194,11 +209,16 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--crop", type=int, default=160)
+    ap.add_argument("--set", action="append", default=[], help="ModelConfig field for both methods, key=value")
+    ap.add_argument("--tag", default="", help="run-name tag for runs with --set")
     args = ap.parse_args()
     if args.prepare:
         prepare(args.work, args.data_seed)
     elif args.condition:
-        run_one(args.work, args.condition, args.method, args.seed, args.epochs, args.crop)
+        from wsltool.config import parse_value
+
+        sets = {k: parse_value(v) for k, _, v in (kv.partition("=") for kv in args.set)}
+        run_one(args.work, args.condition, args.method, args.seed, args.epochs, args.crop, sets, args.tag)
     else:
         ap.error("give --prepare or --condition")
     return 0
