@@ -31,6 +31,8 @@ Usage (about 2-3 min per run on one core)::
         xargs -P 2 -L 1 .venv/bin/python tools/experiments/synthetic_evidence.py
     .venv/bin/python tools/experiments/glas_paired.py --a '/tmp/synth_ev/runs/object_minmax_seed*' \\
         --b '/tmp/synth_ev/runs/object_wildcat_seed*'      # and the same for "both"
+    .venv/bin/python tools/experiments/synthetic_evidence.py --condition object --seed 3 \\
+        --overlay docs/img/synthetic_evidence_object_seed3.jpg
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,6 +202,44 @@ def run_one(
     return result
 
 
+def overlay(work: Path, condition: str, seed: int, out: Path, tag: str = "", n: int = 3) -> None:
+    """``image | lesion | M+ of min-max | M+ of WILDCAT`` for the first ``n`` malignant test images (one seed)."""
+    import torch
+    from PIL import Image
+
+    from wsltool.train.checkpoint import load_checkpoint
+    from wsltool.train.data import find_mask, read_image, read_mask
+    from wsltool.train.labels import read_labels
+
+    def jet(v: np.ndarray) -> np.ndarray:
+        v = np.clip(v, 0, 1)[..., None]
+        rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
+        return (255 * rgb).astype(np.uint8)
+
+    items = read_labels(work / condition / "labels.csv", class_names=CLASSES)
+    mal = [it for it in items if it.split == "test" and it.label == "malignant"][:n]
+    pre = f"{condition}_{tag + '_' if tag else ''}"
+    models: list[Any] = [  # MinMaxNet / BaselineNet: nn.Modules with localize()
+        load_checkpoint(work / "runs" / f"{pre}{m}_seed{seed}" / "best.pt", class_names=CLASSES)[0]
+        for m in ("minmax", "wildcat")
+    ]
+    rows = []
+    for it in mal:
+        img = read_image(it.path)
+        mp = find_mask(it)
+        assert mp is not None, it.path
+        gt = read_mask(mp, img.shape[:2])
+        row = [img, np.repeat(255 * gt[..., None].astype(np.uint8), 3, axis=2)]
+        for model in models:
+            with torch.inference_mode():
+                o = model.localize(torch.from_numpy(img.copy()).permute(2, 0, 1)[None], size=img.shape[:2])
+            row.append(jet(o["mplus"][0].numpy()))
+        rows.append(np.concatenate(row, axis=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out, quality=85)
+    print(f"wrote {out}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/synth_ev"))
@@ -211,9 +252,12 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=160)
     ap.add_argument("--set", action="append", default=[], help="ModelConfig field for both methods, key=value")
     ap.add_argument("--tag", default="", help="run-name tag for runs with --set")
+    ap.add_argument("--overlay", type=Path, help="write the overlay figure of --condition / --seed here and exit")
     args = ap.parse_args()
     if args.prepare:
         prepare(args.work, args.data_seed)
+    elif args.overlay and args.condition:
+        overlay(args.work, args.condition, args.seed, args.overlay, args.tag)
     elif args.condition:
         from wsltool.config import parse_value
 
