@@ -245,6 +245,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/synth_ev"))
     ap.add_argument("--prepare", action="store_true", help="write both conditions' images and exit")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=192, help="image side for --prepare (lesions scale with it)")
     ap.add_argument("--condition", choices=CONDITIONS)
     ap.add_argument("--method", choices=("minmax", "wildcat"), default="minmax")
     ap.add_argument("--seed", type=int, default=0)
@@ -255,7 +256,7 @@ def main() -> int:
     ap.add_argument("--overlay", type=Path, help="write the overlay figure of --condition / --seed here and exit")
     args = ap.parse_args()
     if args.prepare:
-        prepare(args.work, args.data_seed)
+        prepare(args.work, args.data_seed, args.size)
     elif args.overlay and args.condition:
         overlay(args.work, args.condition, args.seed, args.overlay, args.tag)
     elif args.condition:
