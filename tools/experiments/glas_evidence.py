@@ -42,6 +42,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,9 @@ VARIANTS = ("glands", "stroma", "stroma16", "silhouette")
 GREY = 128  # 0 in normalised pixel space (mean 0.5, std 0.5): the fill of X+ and X-
 
 
-def map_mask(gt: np.ndarray, stride: int = 16, w: float = 8.0, sigma: float = 0.5) -> np.ndarray:
+def map_mask(
+    gt: np.ndarray, stride: int | None = None, w: float | None = None, sigma: float | None = None
+) -> np.ndarray:
     """A perfect mask as ``MinMaxNet`` would draw it: gland fraction per cell, bilinear, sigmoid(w (m - sigma)).
 
     Parameters
@@ -59,7 +62,7 @@ def map_mask(gt: np.ndarray, stride: int = 16, w: float = 8.0, sigma: float = 0.
     gt
         Gland mask ``bool (H, W)``.
     stride, w, sigma
-        Map stride and the pseudo-binary mask's sharpness and threshold (the defaults of ``ModelConfig``).
+        Map stride and the pseudo-binary mask's sharpness and threshold (default: ``ModelConfig()``'s).
 
     Returns
     -------
@@ -69,11 +72,16 @@ def map_mask(gt: np.ndarray, stride: int = 16, w: float = 8.0, sigma: float = 0.
     import torch
     import torch.nn.functional as F
 
+    from wsltool.config import ModelConfig
+    from wsltool.models.minmax import pseudo_binary
+
+    cfg = ModelConfig()
+    stride = stride or cfg.output_stride
     t = torch.from_numpy(gt.astype(np.float32))[None, None]
     h, w_ = gt.shape
     cells = F.adaptive_avg_pool2d(t, (math.ceil(h / stride), math.ceil(w_ / stride)))
     up = F.interpolate(cells, size=(h, w_), mode="bilinear", align_corners=False)
-    return torch.sigmoid(w * (up - sigma))[0, 0].numpy()
+    return pseudo_binary(up, cfg.w if w is None else w, cfg.sigma if sigma is None else sigma)[0, 0].numpy()
 
 
 def variant_image(img: np.ndarray, gt: np.ndarray, variant: str, flat: np.ndarray) -> np.ndarray:
@@ -101,7 +109,7 @@ def variant_image(img: np.ndarray, gt: np.ndarray, variant: str, flat: np.ndarra
     elif variant == "stroma":
         m = 1.0 - gt.astype(np.float32)
     elif variant == "stroma16":
-        m = 1.0 - map_mask(gt)
+        m = (1.0 - map_mask(gt)).astype(np.float32)
     elif variant == "silhouette":
         x = np.broadcast_to(flat.astype(np.float32) - GREY, img.shape).copy()
         m = 1.0 - gt.astype(np.float32)
@@ -110,7 +118,7 @@ def variant_image(img: np.ndarray, gt: np.ndarray, variant: str, flat: np.ndarra
     return np.clip(np.rint(x * m[..., None] + GREY), 0, 255).astype(np.uint8)
 
 
-def _items(data: Path, work: Path):  # type: ignore[no-untyped-def]
+def _items(data: Path, work: Path) -> list[Any]:
     from wsltool.train.glas import glas_items
 
     return [it for it in glas_items(data, work_dir=work) if it.split in ("train", "valid")]
@@ -139,7 +147,7 @@ def prepare(data: Path, work: Path) -> None:
     print(f"wrote {len(VARIANTS)} x {len(pairs)} images under {work} (silhouette colour {flat.tolist()})")
 
 
-def variant_items(data: Path, work: Path, variant: str):  # type: ignore[no-untyped-def]
+def variant_items(data: Path, work: Path, variant: str) -> list[Any]:
     """The train / valid items with their image swapped for the variant's (the mask column keeps the original)."""
     import dataclasses
 
