@@ -62,7 +62,8 @@ def synthetic_image(size: int, seed: int, malignant: bool, condition: str) -> tu
     size
         Side in pixels.
     seed
-        Seed of everything drawn; the same seed gives the same lesions, nuclei and stroma in both conditions.
+        Seed of everything drawn; the same seed gives the same lesions and nuclei in both conditions (only
+        the malignant stroma's small dark cells and the pixel noise differ).
     malignant
         Whether the image has lesions (and, in ``both``, malignant stroma).
     condition
@@ -93,7 +94,7 @@ def synthetic_image(size: int, seed: int, malignant: bool, condition: str) -> tu
         v = (-(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)) / ry
         if malignant:
             lesion |= u * u + v * v < 1
-    # grade: 0 at the lesion's rim, 1 from half its depth inward; the rim starts at 0.25 (weak evidence)
+    # grade: 0.25 at the lesion's rim (weak evidence), rising to 1 at half its depth and inward
     depth = ndi.distance_transform_edt(lesion)
     grade = np.zeros((size, size), np.float32)
     if lesion.any():
@@ -245,7 +246,12 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/synth_ev"))
     ap.add_argument("--prepare", action="store_true", help="write both conditions' images and exit")
     ap.add_argument("--data-seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=192, help="image side for --prepare (lesions scale with it)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=192,
+        help="image side for --prepare (lesions scale with it; nuclei and the count of dark cells do not)",
+    )
     ap.add_argument("--condition", choices=CONDITIONS)
     ap.add_argument("--method", choices=("minmax", "wildcat"), default="minmax")
     ap.add_argument("--seed", type=int, default=0)
