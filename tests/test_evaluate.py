@@ -72,3 +72,13 @@ def test_overlay_png(tmp_path) -> None:
     overlay_png(img, heat > 0.3, heat, heat > 0.5, tmp_path / "o.png", scale=1.0)
     with Image.open(tmp_path / "o.png") as im:
         assert im.size == (4 * 30 + 3 * 6, 20)
+
+
+def test_jet_colour_map_ends_and_middle() -> None:
+    from wsltool.evaluate import jet
+
+    rgb = jet(np.array([[0.0, 0.5, 1.0]]))
+    assert rgb.shape == (1, 3, 3)
+    np.testing.assert_allclose(rgb[0, 0], [0, 0, 0.5])  # dark blue
+    np.testing.assert_allclose(rgb[0, 1], [0.5, 1, 0.5])  # green in the middle
+    np.testing.assert_allclose(rgb[0, 2], [0.5, 0, 0])  # dark red

@@ -87,17 +87,19 @@ def image_metrics(mplus: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> 
     }
 
 
+def jet(v: np.ndarray) -> np.ndarray:
+    """The jet colour map: heat ``(H, W)`` in [0, 1] -> RGB ``(H, W, 3)`` in [0, 1] (0 dark blue, 1 dark red)."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.stack([r, g, b], -1)
+
+
 def overlay_png(
     img: np.ndarray, gt: np.ndarray | None, heat: np.ndarray, mask: np.ndarray, path: Path, scale: float = 0.5
 ) -> None:
     """Write ``image | ground truth | heatmap | mask`` side by side as a PNG (downscaled by ``scale``)."""
     from PIL import Image
-
-    def jet(v: np.ndarray) -> np.ndarray:
-        r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-        g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-        b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-        return np.stack([r, g, b], -1)
 
     f = img.astype(np.float32) / 255
     panels = [f]

@@ -152,6 +152,11 @@ def prepare(work: Path, data_seed: int, size: int = 192) -> None:
     print(f"wrote {sum(SPLITS.values())} images per condition under {work}")
 
 
+def run_dir(work: Path, condition: str, method: str, seed: int, tag: str = "") -> Path:
+    """A run's folder: ``work/runs/<condition>_[<tag>_]<method>_seed<seed>``."""
+    return work / "runs" / f"{condition}_{tag + '_' if tag else ''}{method}_seed{seed}"
+
+
 def run_one(
     work: Path,
     condition: str,
@@ -165,7 +170,7 @@ def run_one(
     """Train one model on a condition's train split; score it on the malignant test images.
 
     ``overrides`` are ``ModelConfig`` fields set for both methods (e.g. ``kmax``); ``tag`` goes into the run
-    folder's name, ``runs/<condition>_[<tag>_]<method>_seed<seed>``.
+    folder's name (:func:`run_dir`).
     """
     import torch
 
@@ -178,7 +183,7 @@ def run_one(
     torch.set_num_threads(1)
     items = read_labels(work / condition / "labels.csv", class_names=CLASSES)
     by = {s: [it for it in items if it.split == s] for s in SPLITS}
-    out = work / "runs" / f"{condition}_{tag + '_' if tag else ''}{method}_seed{seed}"
+    out = run_dir(work, condition, method, seed, tag)
     # the GlaS default without its size prior: [0.35, 0.65] of every crop is GlaS's gland share, not a lesion's
     base: dict = {"size_prior": "none"} if method == "minmax" else {"method": "wildcat"}
     mcfg = ModelConfig(**{**base, **(overrides or {})})
@@ -208,20 +213,15 @@ def overlay(work: Path, condition: str, seed: int, out: Path, tag: str = "", n: 
     import torch
     from PIL import Image
 
+    from wsltool.evaluate import jet
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.data import find_mask, read_image, read_mask
     from wsltool.train.labels import read_labels
 
-    def jet(v: np.ndarray) -> np.ndarray:
-        v = np.clip(v, 0, 1)[..., None]
-        rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
-        return (255 * rgb).astype(np.uint8)
-
     items = read_labels(work / condition / "labels.csv", class_names=CLASSES)
     mal = [it for it in items if it.split == "test" and it.label == "malignant"][:n]
-    pre = f"{condition}_{tag + '_' if tag else ''}"
     models: list[Any] = [  # MinMaxNet / BaselineNet: nn.Modules with localize()
-        load_checkpoint(work / "runs" / f"{pre}{m}_seed{seed}" / "best.pt", class_names=CLASSES)[0]
+        load_checkpoint(run_dir(work, condition, m, seed, tag) / "best.pt", class_names=CLASSES)[0]
         for m in ("minmax", "wildcat")
     ]
     rows = []
@@ -234,7 +234,7 @@ def overlay(work: Path, condition: str, seed: int, out: Path, tag: str = "", n: 
         for model in models:
             with torch.inference_mode():
                 o = model.localize(torch.from_numpy(img.copy()).permute(2, 0, 1)[None], size=img.shape[:2])
-            row.append(jet(o["mplus"][0].numpy()))
+            row.append((255 * jet(np.clip(o["mplus"][0].numpy(), 0, 1))).astype(np.uint8))
         rows.append(np.concatenate(row, axis=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(out, quality=85)
