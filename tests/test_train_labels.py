@@ -87,15 +87,27 @@ def test_glas_release_layout(tmp_path: Path) -> None:
         _bmp(rel / f"{n}_anno.bmp", mask=True)
     rows = "".join(f"{n},{i},{g},{g.strip()}\n" for i, (n, g) in enumerate(names.items()))
     (rel / "Grade.csv").write_text("name,Patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)\n" + rows)
-    items = glas_items(rel, work_dir=tmp_path)
+    listing = sorted(p.name for p in rel.iterdir())
+    items = glas_items(rel)
+    assert sorted(p.name for p in rel.iterdir()) == listing  # read in memory: nothing written beside the data
     by = {it.path.stem: it for it in items}
     assert by["train_1"].label == "malignant" and by["train_2"].label == "benign"
     assert by["train_2"].split == "valid"  # authors' valid split
     assert by["train_1"].split == "train" and by["testA_1"].split == "test"
     assert by["train_1"].mask == rel / "train_1_anno.bmp"
+    assert by["train_1"].source == rel / "Grade.csv" and by["train_1"].row == 2
+    # the CSV conversion, into a folder that does not exist yet
+    out = glas_to_labels_csv(rel, tmp_path / "new" / "sub" / "labels.csv")
+    assert [(it.path, it.label, it.split, it.mask) for it in read_labels(out)] == [
+        (it.path, it.label, it.split, it.mask) for it in items
+    ]
     (rel / "train_3.bmp").unlink()
-    with pytest.raises(LabelsError, match=r"train_3\.bmp"):
+    (rel / "Grade.csv").write_text((rel / "Grade.csv").read_text().replace(" benign", "normal", 1))
+    with pytest.raises(LabelsError) as ei:
         glas_to_labels_csv(rel, tmp_path / "x.csv")
+    assert "line 3: unknown grade 'normal' for train_2" in str(ei.value)
+    assert "line 5: image not found: train_3.bmp" in str(ei.value)
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_glas_png_copy(tmp_path: Path) -> None:

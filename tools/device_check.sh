@@ -86,7 +86,7 @@ for run in ${ENS_TAGS:-${TAGS[@]}}; do
   [ -n "$ck" ] || continue
   [ "$(left $((DEADLINE + ENS_S)))" -gt 20 ] || { echo "no time left for the $run ensemble"; continue; }
   echo "-- $run: seed subsets, none vs d4" | tee -a "$OUT/glas_ens.txt"
-  timeout "$(left $((DEADLINE + ENS_S)))" $PY tools/experiments/glas_ensemble.py $ck --data .gpu/glas --work "$G" \
+  timeout "$(left $((DEADLINE + ENS_S)))" $PY tools/experiments/glas_ensemble.py $ck --data .gpu/glas \
     --tta d4 --threads 4 2>&1 | grep -v "^WARNING" | tee -a "$OUT/glas_ens.txt"
 done
 tar czf "$OUT/glas_runs.tgz" -C "$G" $(cd "$G" && ls -d */result.json */history.jsonl */eval_valid/summary.csv \

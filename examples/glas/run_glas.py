@@ -69,7 +69,7 @@ def main() -> int:
     train_cfg = from_dict(TrainConfig, tcfg)
     name = args.name or args.run
     out = Path(args.out) / name
-    items = glas_items(args.data, work_dir=args.out)
+    items = glas_items(args.data)
     train = [it for it in items if it.split == "train"]
     valid = [it for it in items if it.split == "valid"]
     t0 = time.perf_counter()

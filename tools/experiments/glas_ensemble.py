@@ -28,13 +28,13 @@ import wsltool  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glas")
 
 
-def valid_set(data: str, work: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def valid_set(data: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The GlaS ``valid`` images (RGB uint8) and their gland masks (boolean), in the data set's order."""
     from wsltool.train.data import find_mask, read_image, read_mask
     from wsltool.train.glas import glas_items
 
     images, gts = [], []
-    for it in glas_items(data, work_dir=work):
+    for it in glas_items(data):
         if it.split == "valid":
             img = read_image(it.path)
             mp = find_mask(it)
@@ -93,7 +93,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="checkpoints (members)")
     ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--tta", default="d4", choices=["flips", "d4"], help="augmentation compared with none")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -101,7 +100,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)  # the CLI's rule: "auto" = CUDA when available
-    images, gts = valid_set(args.data, args.work)
+    images, gts = valid_set(args.data)
 
     def fmt(r: dict[str, float]) -> str:
         return f"pixel AUC {r['pixel_auc']:5.1f}  PxAP {r['pxap']:5.1f}  F1+ {r['f1_pos']:5.1f}  F1- {r['f1_neg']:5.1f}"

@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", default="none", choices=["none", "flips", "d4"])
     ap.add_argument("--ckpt", default="best.pt", help="checkpoint file inside each run folder")
     ap.add_argument("--data", default=_ens.DEFAULT_DATA)
-    ap.add_argument("--work", default="/tmp/glas_ensemble")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     args = ap.parse_args(argv)
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: fewer than {args.k} shared seeds (A has {sorted(fam_a)}, B has {sorted(fam_b)})", file=sys.stderr
         )
         return 2
-    images, gts = _ens.valid_set(args.data, args.work)
+    images, gts = _ens.valid_set(args.data)
 
     res: dict[str, dict[int, dict]] = {"A": {}, "B": {}}
     for name, fam in (("A", fam_a), ("B", fam_b)):

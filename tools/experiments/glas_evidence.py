@@ -118,10 +118,10 @@ def variant_image(img: np.ndarray, gt: np.ndarray, variant: str, flat: np.ndarra
     return np.clip(np.rint(x * m[..., None] + GREY), 0, 255).astype(np.uint8)
 
 
-def _items(data: Path, work: Path) -> list[Any]:
+def _items(data: Path) -> list[Any]:
     from wsltool.train.glas import glas_items
 
-    return [it for it in glas_items(data, work_dir=work) if it.split in ("train", "valid")]
+    return [it for it in glas_items(data) if it.split in ("train", "valid")]
 
 
 def prepare(data: Path, work: Path) -> None:
@@ -130,7 +130,7 @@ def prepare(data: Path, work: Path) -> None:
 
     from wsltool.train.data import find_mask, read_image, read_mask
 
-    items = _items(data, work)
+    items = _items(data)
     pairs = []
     for it in items:
         mp = find_mask(it)
@@ -154,8 +154,7 @@ def variant_items(data: Path, work: Path, variant: str) -> list[Any]:
     from wsltool.train.data import find_mask
 
     return [
-        dataclasses.replace(it, path=work / variant / f"{it.path.stem}.png", mask=find_mask(it))
-        for it in _items(data, work)
+        dataclasses.replace(it, path=work / variant / f"{it.path.stem}.png", mask=find_mask(it)) for it in _items(data)
     ]
 
 

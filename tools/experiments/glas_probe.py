@@ -42,11 +42,10 @@ def main() -> int:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glas"))
     ap.add_argument("--stride", type=int, default=16, choices=(8, 16, 32), help="backbone output stride")
     ap.add_argument("--grid", type=int, default=16, help="probe grid (px)")
-    ap.add_argument("--work", default="/tmp/glas_probe")
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    items = glas_items(args.data, work_dir=args.work)
+    items = glas_items(args.data)
 
     def load(split: str) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []

@@ -34,7 +34,7 @@ def crop_fractions(data: Path, crop: int, per_image: int, rng: np.random.Generat
     from wsltool.train.glas import glas_items
 
     out = []
-    for it in glas_items(data, work_dir=Path("/tmp/glas_size_prior")):
+    for it in glas_items(data):
         if it.split != "train":
             continue
         mp = find_mask(it)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.train.labels import read_labels
 
     src = Path(args.labels)
-    items = glas_items(src, work_dir=args.out) if src.is_dir() else read_labels(src)
+    items = glas_items(src) if src.is_dir() else read_labels(src)
     model, meta = load_checkpoint(args.model, map_location=args.device)
     model = with_tta(model, args.tta)
     names = meta["class_names"]

@@ -41,6 +41,8 @@ class LabeledItem:
         Line number in the CSV (for messages).
     extra
         Other columns, as strings.
+    source
+        The labels file the row came from (for messages; None when built in code).
     """
 
     path: Path
@@ -49,6 +51,7 @@ class LabeledItem:
     mask: Path | None = None
     row: int = 0
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    source: Path | None = field(default=None, compare=False, hash=False)
 
 
 def _resolve(base: Path, text: str, suffixes: Sequence[str]) -> Path:
@@ -165,7 +168,7 @@ def read_labels(
         if bad:
             continue
         extra = {h: cells[i] for i, h in enumerate(header) if i not in (0, li, si, mi)}
-        items.append(LabeledItem(p, label, split, mask, n, extra))
+        items.append(LabeledItem(p, label, split, mask, n, extra, path))
     if len(rows) == 1:
         problems.append("no rows after the header")
     if known is not None:
@@ -178,6 +181,30 @@ def read_labels(
         raise LabelsError(path, problems)
     log.info("%s: %d items, classes %s", path, len(items), sorted({it.label for it in items}))
     return items
+
+
+#: Split names training knows: ``train`` trains, ``valid`` validates (checkpoint selection), ``test`` is left out.
+TRAIN_SPLITS = ("train", "valid", "test")
+
+
+def check_train_splits(items: Sequence[LabeledItem], source: str | Path) -> None:
+    """Refuse split names training does not know, instead of silently leaving their rows out.
+
+    Decision: no aliases (``val``, ``validation``): a misspelt split would otherwise train on the wrong rows
+    or select checkpoints on none, and the error says which names are known.
+
+    Raises
+    ------
+    LabelsError
+        Naming ``source`` and every offending line.
+    """
+    bad = [
+        f"line {it.row}: unknown split {it.split!r} for {it.path.name} (known: {', '.join(TRAIN_SPLITS)})"
+        for it in items
+        if it.split is not None and it.split not in TRAIN_SPLITS
+    ]
+    if bad:
+        raise LabelsError(source, bad)
 
 
 def class_names_of(items: Sequence[LabeledItem]) -> list[str]:
