@@ -167,3 +167,103 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
         err = capsys.readouterr().err
         assert rc != 0 and words in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
+TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_run_already_in_out_is_refused_unless_resumed_or_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = _images(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
+    before = {n: (out / n).read_bytes() for n in ("best.pt", "last.pt", "history.jsonl")}
+    capsys.readouterr()
+    # a second run into the same folder: refused, and the first run's files are untouched
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--epochs", "2", *TINY_ARGS]) == 2
+    err = _one_line_error(capsys)
+    assert str(out) in err and "already holds a training run (last.pt, best.pt)" in err and "--overwrite" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # --seeds checks every member's folder before anything is written
+    seeds_out = tmp_path / "ens"
+    (seeds_out / "seed_2").mkdir(parents=True)
+    (seeds_out / "seed_2" / "last.pt").write_bytes(b"earlier run")
+    assert main(["train", "--labels", str(csv), "--out", str(seeds_out), "--seeds", "1,2", *TINY_ARGS]) == 2
+    assert "seed_2: already holds a training run (last.pt)" in _one_line_error(capsys)
+    assert sorted(p.name for p in seeds_out.rglob("*")) == ["last.pt", "seed_2"]
+    # --overwrite replaces it: a fresh history of exactly the new run's epochs
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--epochs", "2", "--overwrite", *TINY_ARGS]) == 0
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert (out / "last.pt").read_bytes() != before["last.pt"]
+    # --resume and --overwrite exclude each other (argparse: exit 2)
+    with pytest.raises(SystemExit) as ei:
+        main(["train", "--labels", str(csv), "--out", str(out), "--resume", "--overwrite", *TINY_ARGS])
+    assert ei.value.code == 2
+
+
+def test_unknown_split_and_non_image_rows_are_named_with_the_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = _images(tmp_path)
+    lines = csv.read_text().splitlines()
+    val = tmp_path / "val.csv"
+    val.write_text("\n".join([*lines[:5], lines[5].replace(",valid", ",val"), lines[6]]) + "\n")
+    assert main(["train", "--labels", str(val), "--out", str(tmp_path / "o1"), *TINY_ARGS]) == 2
+    err = _one_line_error(capsys)
+    assert f"{val}: 1 problem(s): line 6: unknown split 'val' for im4.png (known: train, valid, test)" in err
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    txt = tmp_path / "txt.csv"
+    txt.write_text("\n".join([*lines, "notes.txt,benign,train"]) + "\n")
+    assert main(["train", "--labels", str(txt), "--out", str(tmp_path / "o2"), *TINY_ARGS]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"wsltool train: error: {txt}: 1 problem(s): line 8: ") and "notes.txt" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_weights_of_another_architecture_give_one_line_and_no_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    import torchvision
+
+    csv = _images(tmp_path)
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
+    args = ["--backbone", "resnet50", "--pretrained", str(r18), "--epochs", "1", "--no-progress"]
+    assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "o"), *args]) == 2
+    err = _one_line_error(capsys)
+    assert f"{r18}: weights do not fit resnet50" in err and "another shape" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_glas_release_layout_trains_into_a_new_folder_and_writes_nothing_beside_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rel = tmp_path / "Warwick QU Dataset (Released 2016_07_08)"
+    rel.mkdir()
+    rng = np.random.default_rng(1)
+    names = {"train_1": "malignant", "train_3": "benign", "train_4": "malignant", "train_6": "benign"}
+    names |= {"train_2": "benign", "train_5": "malignant", "testA_1": "benign"}  # train_2 / _5: the valid split
+    for n in names:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(rel / f"{n}.bmp")
+        Image.fromarray((rng.random((40, 48)) > 0.5).astype(np.uint8)).save(rel / f"{n}_anno.bmp")
+    rows = "".join(f"{n},{i}, {g} ,{g}\n" for i, (n, g) in enumerate(names.items()))
+    (rel / "Grade.csv").write_text("name,Patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)\n" + rows)
+    listing = sorted(p.name for p in rel.iterdir())
+    out = tmp_path / "new" / "sub"
+    assert main(["train", "--labels", str(rel), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
+    assert "trained 4 images (2 validation)" in capsys.readouterr().out
+    assert (out / "best.pt").is_file()
+    assert main(["eval", "--labels", str(rel), "--model", str(out / "best.pt"), "--split", "valid", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 2 and summary["n_masks"] == 2
+    assert sorted(p.name for p in rel.iterdir()) == listing  # nothing written into the data set

@@ -82,3 +82,45 @@ def test_jet_colour_map_ends_and_middle() -> None:
     np.testing.assert_allclose(rgb[0, 0], [0, 0, 0.5])  # dark blue
     np.testing.assert_allclose(rgb[0, 1], [0.5, 1, 0.5])  # green in the middle
     np.testing.assert_allclose(rgb[0, 2], [0.5, 0, 0])  # dark red
+
+
+def test_evaluate_uses_the_mask_column_and_matches_direct_metrics(tmp_path) -> None:
+    """Per-image metrics of a real (untrained) model equal image_metrics on its own M+, with the mask column's
+    mask, not the ``<name>_anno.png`` decoy next to the image; the pooled curve equals a direct PixelCurve."""
+    import torch
+    from PIL import Image
+
+    from wsltool.config import ModelConfig
+    from wsltool.evaluate import evaluate
+    from wsltool.models import build_model
+    from wsltool.train.labels import read_labels
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label,mask"]
+    truth = {}
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(tmp_path / f"im{i}.png")
+        gt = np.zeros((40, 56), bool)
+        gt[5 + i : 25 + i, 10:40] = True
+        Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / f"gt{i}.png")
+        Image.fromarray(np.full((40, 56), 255, np.uint8)).save(tmp_path / f"im{i}_anno.png")  # decoy: all glands
+        rows.append(f"im{i}.png,{['a', 'b'][i % 2]},gt{i}.png")
+        truth[f"im{i}.png"] = gt
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    items = read_labels(tmp_path / "labels.csv")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", pretrained="none", output_stride=8, minmax_start=0)).eval()
+    got, summary = evaluate(model, items, ["a", "b"])
+    curve = PixelCurve()
+    for row, it in zip(got, items, strict=True):
+        img = np.array(Image.open(it.path))
+        with torch.inference_mode():
+            heat = model.localize(torch.from_numpy(img).permute(2, 0, 1)[None], size=img.shape[:2])["mplus"][0]
+        want = image_metrics(heat.numpy(), truth[it.path.name], 0.5)
+        assert {k: row[k] for k in want} == pytest.approx(want)
+        assert row["gt_area"] == pytest.approx(truth[it.path.name].mean())  # the column's mask, not the decoy
+        curve.add(heat.numpy(), truth[it.path.name])
+    assert summary["pxap"] == pytest.approx(100 * curve.ap()) and summary["pixel_auc"] == pytest.approx(
+        100 * curve.auc()
+    )
+    assert summary["n_masks"] == 3

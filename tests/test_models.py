@@ -200,7 +200,7 @@ def test_erasing_accumulates_pixelwise_max_and_stops_when_frozen() -> None:
 @pytest.mark.parametrize("detach", [True, False])
 def test_gradient_reaches_localizer_exactly_when_not_detached(detach: bool) -> None:
     torch.manual_seed(0)
-    model = MinMaxNet(ModelConfig(**TINY, detach_mask=detach, size_prior="none", head_dropout=0.0))
+    model = MinMaxNet(ModelConfig(**TINY, detach_mask=detach, neg_updates="all", size_prior="none", head_dropout=0.0))
     model.train()
     x = model.normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
     out = model.training_losses(x, torch.tensor([0, 1]))
@@ -435,7 +435,9 @@ def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_a
     torch.manual_seed(0)
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 1])
-    cfg = ModelConfig(**{**TINY, "minmax_start": 1}, head_dropout=0.0, detach_mask=True, classifier_backbone="own")
+    cfg = ModelConfig(
+        **{**TINY, "minmax_start": 1}, head_dropout=0.0, detach_mask=True, neg_updates="all", classifier_backbone="own"
+    )
     model = MinMaxNet(cfg).train()
     xn = model.normalize(x)
     # warm-up: the localizer's backbone moves, the classifier's copy is untouched and not yet synced
@@ -472,10 +474,101 @@ def test_own_classifier_backbone_starts_from_the_warmed_up_localizer_and_stays_a
     pairs = zip(resumed.backbone.parameters(), resumed.cls_backbone.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)
     # shared (method.md, the default): the classifier's losses do train the localizer's backbone
-    shared = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, detach_mask=True)).train()  # the default
+    shared = MinMaxNet(
+        ModelConfig(**TINY, head_dropout=0.0, detach_mask=True, neg_updates="all")
+    ).train()  # the default
     o = shared.training_losses(shared.normalize(x), y)
     o["_pos"].backward()
     assert shared.cls_backbone is None
     assert sum(float(p.grad.abs().sum()) > 0 for p in shared.backbone.parameters() if p.grad is not None) > 0
     with pytest.raises(ConfigError, match="classifier_backbone"):
         ModelConfig(classifier_backbone="separate")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["resnet34", "resnet50"])
+def test_resnet_weights_load_from_a_state_dict_file(name: str, tmp_path: pytest.TempPathFactory) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(weights=None)
+    p = tmp_path / f"{name}.pth"  # type: ignore[operator]
+    torch.save(tv.state_dict(), p)
+    for stride in (16, 32):
+        net, info = build_backbone(name, str(p), stride)
+        want = [v for k, v in tv.state_dict().items() if not k.startswith("fc.")]
+        got = list(net.state_dict().values())
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        with torch.no_grad():
+            f = net.eval()(torch.zeros(1, 3, 64, 96))
+        assert f.shape == (1, info.channels, 64 // stride, 96 // stride)
+        assert info.channels == (512 if name == "resnet34" else 2048)
+
+
+def test_resnet101_strides() -> None:
+    for stride in (16, 32):
+        net, info = build_backbone("resnet101", "none", stride)
+        with torch.no_grad():
+            f = net.eval()(torch.zeros(1, 3, 64, 64))
+        assert f.shape == (1, 2048, 64 // stride, 64 // stride) and info.channels == 2048
+
+
+def test_mplus_is_the_softmax_weighted_class_maps_normalised_per_image() -> None:
+    from wsltool.models.minmax import weighted_map
+
+    scores = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])  # softmax (1/4, 3/4) and (3/4, 1/4)
+    maps = torch.stack([torch.ones(2, 2), torch.tensor([[3.0, 5.0], [7.0, 9.0]])])[None].repeat(2, 1, 1, 1)
+    m = weighted_map(scores, maps)
+    torch.testing.assert_close(m[0, 0], 0.25 + 0.75 * maps[0, 1])
+    torch.testing.assert_close(m[1, 0], 0.75 + 0.25 * maps[0, 1])
+    model = MinMaxNet(ModelConfig(**TINY))
+    norm = model.mplus(scores, maps)
+    torch.testing.assert_close(norm[0, 0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))  # both images span [0, 1]
+    torch.testing.assert_close(norm[1, 0], norm[0, 0])
+
+
+def test_classifier_sees_the_masked_image_at_cls_scale() -> None:
+    sizes: list[tuple[int, int]] = []
+    for scale in (0.5, 1.0):
+        model = MinMaxNet(ModelConfig(**TINY, cls_scale=scale, head_dropout=0.0)).train()
+        hook = model.classifier_features.register_forward_pre_hook(lambda _m, a: sizes.append(tuple(a[0].shape[-2:])))
+        x = model.normalize(torch.randint(0, 255, (2, 3, 48, 64), dtype=torch.uint8))
+        model.training_losses(x, torch.tensor([0, 1]))
+        hook.remove()
+    # each step runs the shared backbone on X (the localizer), then the classifier on X+ and on X-
+    assert sizes == [(48, 64), (24, 32), (24, 32), (48, 64), (48, 64), (48, 64)]
+
+
+def test_recursive_erasing_starts_at_its_epoch() -> None:
+    torch.manual_seed(0)
+    model = MinMaxNet(ModelConfig(**TINY, head_dropout=0.0, erase_passes=3, erase_start=2, erase_sigma=10.0)).train()
+    x = model.normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        y = model.heads_out(x)[0].argmax(1)  # every sample right at the first pass: erasing goes on
+    assert float(model.training_losses(x, y, epoch=1)["passes"]) == 1
+    assert float(model.training_losses(x, y, epoch=2)["passes"]) >= 2
+
+
+def test_detached_mask_needs_the_max_entropy_term_to_train_something() -> None:
+    with pytest.raises(ConfigError, match="neg_updates='all'"):
+        ModelConfig(detach_mask=True)  # neg_updates="localizer" (default): the term would train nothing
+    ModelConfig(detach_mask=True, neg_updates="all")
+    ModelConfig(detach_mask=True, neg_weight=0.0)
+    ModelConfig(method="wildcat", detach_mask=True)  # no max-entropy term at all
+    model = MinMaxNet(ModelConfig(**TINY, detach_mask=True, neg_updates="all", head_dropout=0.0)).train()
+    out = model.training_losses(
+        model.normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)), torch.tensor([0, 1])
+    )
+    assert out["_neg"].requires_grad  # with "all" it trains the classifier
+
+
+def test_wildcat_dropout_acts_on_the_sorted_top_activations() -> None:
+    maps = torch.arange(2 * 16, dtype=torch.float32).view(1, 2, 4, 4)[:, :, torch.randperm(4)]  # unsorted
+    p, kmax = 0.5, 0.5  # 8 of 16 locations
+    torch.manual_seed(3)
+    got = wildcat_pool(maps, kmax, 0.0, 0.0, p, training=True)
+    torch.manual_seed(3)
+    keep = torch.nn.functional.dropout(torch.ones(1, 2, 8), p=p, training=True)  # the same draw
+    top = maps.flatten(2).sort(dim=-1, descending=True).values[..., :8]
+    torch.testing.assert_close(got, (top * keep).mean(-1))
+    assert not torch.equal(got, top.mean(-1))  # dropout really changed the scores
+    torch.testing.assert_close(wildcat_pool(maps, kmax, 0.0, 0.0, p, training=False), top.mean(-1))

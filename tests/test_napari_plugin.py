@@ -418,6 +418,9 @@ def test_retrain_cancel(
     w.set_rows([(str(p), p.stem.split("_")[-1]) for p in sorted(cohort.glob("*.svs"))])
     w.epochs.value = 5
     w.out.value = tmp_path
+    earlier = tmp_path / "wsltool-retrain"  # a model from an earlier retrain stays: this run goes next to it
+    earlier.mkdir()
+    (earlier / "best.pt").write_bytes(b"the pathologist's earlier model")
     w.run_btn.native.click()
     w.cancel_btn.native.click()
     assert w.status.value == "cancelling..."
@@ -425,7 +428,10 @@ def test_retrain_cancel(
     res = w.last_result
     assert res is not None and res["stopped"] is True and res["epochs"] == 1  # stopped within the first epoch
     assert "stopped early" in w.status.value
-    assert (tmp_path / "wsltool-retrain" / "last.pt").is_file() and w.checkpoint is not None and w.checkpoint.is_file()
+    assert (tmp_path / "wsltool-retrain-2" / "last.pt").is_file()
+    assert w.checkpoint == tmp_path / "wsltool-retrain-2" / "best.pt" and w.checkpoint.is_file()
+    assert (earlier / "best.pt").read_bytes() == b"the pathologist's earlier model"
+    assert sorted(p.name for p in earlier.iterdir()) == ["best.pt"]
     assert w.run_btn.enabled and not w.cancel_btn.enabled
     assert [n for n in notes if n[0] == "error"] == []
 

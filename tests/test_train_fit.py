@@ -349,3 +349,92 @@ def test_own_classifier_backbone_trains_saves_and_loads(tmp_path: Path) -> None:
         o1, o2 = loaded.localize(x), again.localize(x)
     for k in o1:
         torch.testing.assert_close(o1[k], o2[k])
+
+
+def test_checkpoint_selection_rule_lower_error_then_loss_ties_to_the_later_epoch() -> None:
+    from wsltool.train.loop import improves, selection_key
+
+    recs = [(10.0, 0.5), (0.0, 0.9), (0.0, 0.9), (0.0, 1.0), (5.0, 0.1)]
+    best_key, best = None, -1
+    for epoch, (err, loss) in enumerate(recs):
+        key = selection_key({"valid_error": err, "valid_loss": loss}, "error_loss")
+        if improves(key, best_key):
+            best_key, best = key, epoch
+    assert best == 2 and best_key == (0.0, 0.9)  # error first, then loss; the tie of epochs 1 and 2 -> 2
+    assert selection_key({"valid_error": 5.0, "valid_loss": 0.1}, "loss") == (0.1, 0.0)
+    assert selection_key({"valid_error": 5.0, "valid_loss": 0.1}, "last") == (0.0, 0.0)
+    assert not improves(None, (1.0, 1.0))  # an epoch that was not validated never becomes the best
+
+
+def test_fit_keeps_the_best_validated_epoch_without_any_mask(tmp_path: Path) -> None:
+    """Checkpoint selection uses labels only: validation images here have no mask anywhere."""
+    items = make_squares(tmp_path / "d", 6, seed=3, size=48, side=20)
+    valid = []
+    for it in items[4:]:
+        q = tmp_path / "nomask" / it.path.name
+        q.parent.mkdir(exist_ok=True)
+        q.write_bytes(it.path.read_bytes())
+        valid.append(LabeledItem(q, it.label))
+    tc = TrainConfig(epochs=4, batch_size=2, crop=32, num_threads=1, seed=1)
+    res = fit(items[:4], valid, CLASSES, ModelConfig(**TINY), tc, tmp_path / "r", progress=False)
+    keys = [(h["valid_error"], h["valid_loss"]) for h in res.history]
+    want = max(i for i, k in enumerate(keys) if k == min(keys))
+    assert res.best_epoch == want
+    extra = load_checkpoint(res.best)[1]["extra"]
+    assert extra["epoch"] == want and (extra["valid_error"], extra["valid_loss"]) == keys[want]
+    assert [h["best"] for h in res.history].count(True) >= 1
+
+
+def test_a_plain_pickle_is_never_unpickled(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    marker = tmp_path / "pwned"
+    _Evil.marker = str(marker)
+    p = tmp_path / "plain.pt"
+    p.write_bytes(pickle.dumps({"format": "wsltool-checkpoint", "meta": _Evil()}))
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(p)
+    assert not marker.exists()
+    want = "corrupt or not a checkpoint (not a torch zip archive; plain pickle files are never loaded)"
+    assert str(ei.value) == f"{p}: {want}"
+    assert not [w for w in recwarn if "pickle" in str(w.message)]  # torch never saw it
+
+
+def test_optimizers_and_their_parameter_groups() -> None:
+    from wsltool.train.loop import _optimizer
+
+    model = build_model(ModelConfig(**TINY))
+    sgd = _optimizer(model, TrainConfig(optimizer="sgd", lr=0.01, backbone_lr_mult=0.1, momentum=0.9))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert [g["base_lr"] for g in sgd.param_groups] == [0.01, pytest.approx(0.001)]
+    n_bb = sum(1 for n, _ in model.named_parameters() if n.startswith("backbone."))
+    assert len(sgd.param_groups[1]["params"]) == n_bb
+    adamw = _optimizer(model, TrainConfig(optimizer="adamw", lr=0.002, weight_decay=1e-4))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 1e-4
+    frozen = _optimizer(build_model(ModelConfig(**TINY)), TrainConfig(backbone_lr_mult=0.0))
+    assert len(frozen.param_groups) == 1  # the backbone is frozen: not in the optimizer at all
+
+
+def test_barrier_t_schedule() -> None:
+    from wsltool.train.loop import barrier_t
+
+    cfg = TrainConfig()
+    assert barrier_t(0, cfg) == 5.0
+    assert barrier_t(10, cfg) == pytest.approx(5.0 * 1.01**10)
+    assert barrier_t(69, cfg) == pytest.approx(5.0 * 1.01**69) and barrier_t(69, cfg) < 10.0
+    assert barrier_t(70, cfg) == 10.0 and barrier_t(400, cfg) == 10.0  # 1.01 ** 70 > 2: capped
+    assert barrier_t(3, TrainConfig(barrier_t0=1.0, barrier_growth=2.0, barrier_tmax=100.0)) == 8.0
+
+
+def test_augment_draws_every_flip_and_rotation_and_nothing_else() -> None:
+    img = torch.arange(3 * 12 * 12, dtype=torch.int64).view(3, 12, 12) % 251  # no two pixels alike
+    img = img.to(torch.uint8)
+    views = [torch.rot90(v, k, dims=(-2, -1)) for v in (img, img.flip(-1)) for k in range(4)]
+    assert len({bytes(v.contiguous().numpy()) for v in views}) == 8
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(80):
+        out = augment(img, 12, 0.0, gen)  # the whole image: only the flips / rotations change it
+        hits = [i for i, v in enumerate(views) if torch.equal(out, v)]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert seen == set(range(8))

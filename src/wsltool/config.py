@@ -390,6 +390,8 @@ class ModelConfig:
         Scale of X+ / X- for the classifier.
     detach_mask
         Detach M+ before masking (2019 paper code) or let the classifier losses reach the localizer (TMI).
+        Detached, the max-entropy term can only train the classifier, so it needs ``neg_updates="all"`` (or
+        ``neg_weight=0``); with ``"localizer"`` it would train nothing, and that combination is refused.
     size_prior
         ``"none"``, ``"absolute"`` (TMI: both regions non-empty), ``"range"`` (area in [area_min, area_max])
         or ``"batch_range"`` (the batch's mean area in [area_min, area_max], each image only non-empty);
@@ -491,6 +493,12 @@ class ModelConfig:
             f"ModelConfig.classifier_backbone must be 'shared' or 'own', got {self.classifier_backbone!r}",
         )
         _check(self.neg_weight >= 0, f"ModelConfig.neg_weight must be >= 0, got {self.neg_weight}")
+        _check(
+            not (self.method == "minmax" and self.detach_mask and self.neg_updates == "localizer" and self.neg_weight),
+            "ModelConfig: detach_mask=True with neg_updates='localizer' leaves the max-entropy term nothing to "
+            "train (the mask is detached, every other part held); set neg_updates='all' (the 2019 paper) or "
+            "neg_weight=0",
+        )
         _check(
             self.minmax_start == "half" or (isinstance(self.minmax_start, int) and self.minmax_start >= 0),
             f"ModelConfig.minmax_start must be 'half' or an epoch >= 0, got {self.minmax_start!r}",

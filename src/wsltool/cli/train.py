@@ -51,7 +51,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the images (stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a training run already in OUT (without it, or --resume, such a folder is refused)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -63,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.config import ModelConfig, TrainConfig, from_dict, parse_value
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.train.glas import glas_items
-    from wsltool.train.labels import class_names_of, read_labels
+    from wsltool.train.labels import check_train_splits, class_names_of, read_labels
     from wsltool.train.loop import fit
+    from wsltool.train.rundir import check_new_run
 
     mil_data: dict[str, Any] = {}
     args.mil_data = mil_data
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(msg)
         (mdata if k in mfields else tdata if k in tfields else mil_data)[k] = parse_value(v)
     src = Path(args.labels)
-    items = glas_items(src, work_dir=args.out) if src.is_dir() else read_labels(src, require_splits=())
+    items = glas_items(src) if src.is_dir() else read_labels(src, require_splits=())
+    check_train_splits(items, src / "labels.csv" if (src / "labels.csv").is_file() else src)
     classes = class_names_of(items)
     if len(classes) < 2:
         raise LabelsError(src, [f"need at least 2 classes, found {classes}"])
@@ -118,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
             )
             raise ConfigError(msg)
         return _run_slides(args, items, classes, mdata, tdata, src)
+    out_dirs = [Path(args.out)] if not seeds else [Path(args.out) / f"seed_{sd}" for sd in seeds]
+    for out_k in out_dirs:  # before anything is written (splits.csv)
+        check_new_run(out_k, resume=args.resume, overwrite=args.overwrite)
     has_split = any(it.split is not None for it in items)
     if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
         from wsltool.train.slides import stratified_split, write_labels_csv
@@ -130,12 +141,7 @@ def run(args: argparse.Namespace) -> int:
     valid = [it for it in items if has_split and it.split == "valid"]
     if not train:
         raise LabelsError(src, ["split 'train' has no item"])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    runs = (
-        [(train_cfg, Path(args.out))]
-        if not seeds
-        else [(dataclasses.replace(train_cfg, seed=sd), Path(args.out) / f"seed_{sd}") for sd in seeds]
-    )
+    runs = list(zip([dataclasses.replace(train_cfg, seed=sd) for sd in seeds] or [train_cfg], out_dirs, strict=True))
     results = []
     for cfg_k, out_k in runs:
         res = fit(
@@ -146,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             cfg_k,
             out_k,
             resume=args.resume,
+            overwrite=args.overwrite,
             device=args.device,
             progress=not args.no_progress,
             mpp=args.mpp,
@@ -232,6 +239,7 @@ def _run_slides(
         mil=mil_cfg,
         class_names=classes,
         resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
     )

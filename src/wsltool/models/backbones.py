@@ -333,7 +333,12 @@ def _resnet_factory(name: str) -> Callable[..., nn.Module]:
             path = Path(pretrained)
             sd = _load_state(path)
             sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(sd, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(sd, strict=False)
+            except RuntimeError as exc:  # strict=False still raises on tensors of another shape
+                n_shape = str(exc).count("size mismatch")
+                msg = f"{path}: weights do not fit {name} ({n_shape} tensor(s) of another shape: another architecture?)"
+                raise CheckpointError(msg) from exc
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
                 msg = f"{path}: weights do not fit {name} (missing {len(missing)}, unexpected {len(unexpected)})"

@@ -33,6 +33,7 @@ from qtpy.QtCore import QTimer
 
 from wsltool.napari_plugin._jobs import ProcessJob
 from wsltool.napari_plugin._reader import PARTIAL_SUFFIX
+from wsltool.train.rundir import next_free_dir
 
 if TYPE_CHECKING:
     import napari
@@ -488,7 +489,8 @@ class RetrainWidget(_JobHost, Container):
                 return
             init = str(Path(txt).absolute())
         out_txt = str(self.out.value or "")
-        out = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir()) / "wsltool-retrain"
+        base = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir()) / "wsltool-retrain"
+        out = next_free_dir(base)  # an earlier model stays: wsltool-retrain, wsltool-retrain-2, ...
         self.history = []
         self.log.value = ""
         self.last_result = None

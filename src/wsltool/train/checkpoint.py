@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: checkpoint not found"
+        raise CheckpointError(msg)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a bare pickle is never unpickled
+        msg = f"{path}: corrupt or not a checkpoint (not a torch zip archive; plain pickle files are never loaded)"
         raise CheckpointError(msg)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)

@@ -25,6 +25,7 @@ from wsltool.models import build_model
 from wsltool.train.checkpoint import config_differences, model_differences, resume_training, save_checkpoint
 from wsltool.train.data import ImageSet
 from wsltool.train.labels import LabeledItem
+from wsltool.train.rundir import check_new_run, start_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,22 @@ def selection_key(rec: dict[str, Any], select: str) -> tuple[float, float]:
     return (0.0, 0.0)  # "last"
 
 
+def barrier_t(epoch: int, cfg: TrainConfig) -> float:
+    """Log-barrier parameter t of the size prior at ``epoch``.
+
+    ``barrier_t0 * barrier_growth ** epoch``, capped at ``barrier_tmax`` (TMI: 5, x1.01 per epoch, 10).
+    """
+    return float(min(cfg.barrier_t0 * cfg.barrier_growth**epoch, cfg.barrier_tmax))
+
+
+def improves(key: tuple[float, ...] | None, best_key: tuple[float, ...] | None) -> bool:
+    """Whether an epoch with selection ``key`` becomes the best so far.
+
+    Lower is better; a tie goes to the later epoch; ``None`` (the epoch was not validated) never does.
+    """
+    return key is not None and (best_key is None or key <= best_key)
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     is_bb = ("backbone.", "cls_backbone.")  # pretrained parts (the classifier's own copy included)
     bb = [p for n, p in model.named_parameters() if n.startswith(is_bb) and p.requires_grad]
@@ -111,6 +128,7 @@ def fit(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
     mpp: float | None = None,
@@ -129,6 +147,10 @@ def fit(
         Output folder.
     resume
         Continue from ``out_dir/last.pt`` (same configurations required).
+    overwrite
+        Replace a run already in ``out_dir`` (without it, or ``resume``, such a folder is refused before
+        anything is written: :mod:`wsltool.train.rundir`).  The earlier run's files are removed only once the
+        model is built and any resume state is loaded.
     device
         ``"cpu"``, ``"cuda"``...; default CUDA when available.
     progress
@@ -150,7 +172,7 @@ def fit(
         torch.set_num_threads(train_cfg.num_threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_run(out, resume=resume, overwrite=overwrite)
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
     model: Any = build_model(model_cfg).to(dev)
@@ -177,6 +199,7 @@ def fit(
         best_key = (saved_key[0], saved_key[1]) if saved_key else None
     train_set = ImageSet(train_items, class_names, crop=train_cfg.crop, color_jitter=train_cfg.color_jitter)
     valid_set = ImageSet(valid_items, class_names) if valid_items else None
+    start_run_dir(out, resume=resume, overwrite=overwrite)
     t_start = time.perf_counter()
     n_batches = math.ceil(len(train_set) / train_cfg.batch_size)
     for epoch in range(start, train_cfg.epochs):
@@ -202,7 +225,7 @@ def fit(
             unit="batch",
             leave=False,
         )
-        t_bar = min(train_cfg.barrier_t0 * train_cfg.barrier_growth**epoch, train_cfg.barrier_tmax)
+        t_bar = barrier_t(epoch, train_cfg)
         sigma = None
         if train_cfg.sigma_end is not None:
             sigma = model_cfg.sigma + (train_cfg.sigma_end - model_cfg.sigma) * epoch / max(1, train_cfg.epochs - 1)
@@ -239,7 +262,7 @@ def fit(
             key = (0.0, 0.0)
         else:
             key = None
-        is_best = key is not None and (best_key is None or key <= best_key)
+        is_best = improves(key, best_key)
         if is_best:
             best_key, best_epoch = key, epoch
         rec["best"] = is_best
@@ -274,4 +297,4 @@ def fit(
     return FitResult(best_path, last_path, history, best_epoch, time.perf_counter() - t_start)
 
 
-__all__ = ["FitResult", "fit", "lr_factor", "selection_key", "validate"]
+__all__ = ["FitResult", "barrier_t", "fit", "improves", "lr_factor", "selection_key", "validate"]

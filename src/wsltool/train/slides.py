@@ -46,7 +46,8 @@ from wsltool.train.checkpoint import (
 )
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
-from wsltool.train.loop import _optimizer, lr_factor
+from wsltool.train.loop import _optimizer, barrier_t, improves, lr_factor
+from wsltool.train.rundir import check_new_run, start_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def prepare_sources(items: Sequence[LabeledItem], class_names: Sequence[str], mi
         except WslError as exc:
             problems.append(f"line {it.row}: {exc}")
     if problems:
-        raise LabelsError(items[0].path.parent if items else Path("."), problems)
+        raise LabelsError((items[0].source or items[0].path.parent) if items else Path("."), problems)
     return out
 
 
@@ -305,6 +306,7 @@ def fit_slides(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     init_from: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -326,6 +328,9 @@ def fit_slides(
         Output folder: ``last.pt``, ``best.pt``, ``history.jsonl``, ``history.csv``, ``curves.png``.
     resume
         Continue from ``out_dir/last.pt`` (same configurations required).
+    overwrite
+        Replace a run already in ``out_dir``; without it (or ``resume``) such a folder is refused before
+        anything is written (:mod:`wsltool.train.rundir`).
     init_from
         Start from the weights of this checkpoint (fine-tuning) instead of ``model_cfg.pretrained``.
     device
@@ -354,9 +359,9 @@ def fit_slides(
     from wsltool.train import distributed
 
     model_cfg = resolve_minmax_start(model_cfg, train_cfg.epochs)
-    dist_info, dev = distributed.setup(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_run(out, resume=resume, overwrite=overwrite)
+    dist_info, dev = distributed.setup(device)
     t_prep = time.perf_counter()
     train_src = prepare_sources(train_items, class_names, mil)
     valid_src = prepare_sources(valid_items, class_names, mil) if valid_items else []
@@ -394,6 +399,8 @@ def fit_slides(
 
         start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, differences)
         best_key = tuple(saved_key) if saved_key else None
+    if dist_info.main:  # only rank 0 writes files
+        start_run_dir(out, resume=resume, overwrite=overwrite)
     reader = RegionReader(mil)
     t_start = time.perf_counter()
     common: dict[str, Any] = {
@@ -445,7 +452,7 @@ def fit_slides(
             bs = train_cfg.batch_size
             n_batches = max(1, len(order_arr) // bs) if len(order_arr) >= bs else 1
             sums: dict[str, float] = {}
-            t_bar = min(train_cfg.barrier_t0 * train_cfg.barrier_growth**epoch, train_cfg.barrier_tmax)
+            t_bar = barrier_t(epoch, train_cfg)
             stopped = False
             for b in range(n_batches):
                 if should_stop is not None and should_stop():
@@ -498,7 +505,7 @@ def fit_slides(
                 key = (err, -(auc if not math.isnan(auc) else 0.0), vloss)
             else:
                 key = (0.0,)
-            is_best = not stopped and (best_key is None or key <= best_key)
+            is_best = not stopped and improves(key, best_key)
             if is_best:
                 best_key, best_epoch = key, epoch
             rec["best"] = is_best
@@ -614,13 +621,16 @@ def train_from_items(
 ) -> SlideFitResult:
     """Split (when the items carry no split), write ``out_dir/splits.csv`` and run :func:`fit_slides`.
 
-    Items whose split is ``train`` train, ``valid`` validate; other splits (``test``) are ignored.
+    Items whose split is ``train`` train, ``valid`` validate; other splits (``test``) are ignored.  A folder
+    that already holds a run is refused before ``splits.csv`` is written, unless ``resume`` or ``overwrite``
+    is passed (in ``kwargs``, on to :func:`fit_slides`).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_run(out, resume=bool(kwargs.get("resume")), overwrite=bool(kwargs.get("overwrite")))
     names = list(class_names) if class_names else sorted({it.label for it in items})
     if any(it.split is None for it in items):
         items = stratified_split(items, valid_fraction, seed=(train_cfg or TrainConfig()).seed)
+        out.mkdir(parents=True, exist_ok=True)
         write_labels_csv(out / "splits.csv", items)
         log.info("no split column: stratified split written to %s", out / "splits.csv")
     tr = [it for it in items if it.split == "train"]
@@ -649,6 +659,7 @@ def train_from_rows(
     """Train from ``(path, label)`` pairs (the napari Retrain widget's table); validation split is made here."""
     from wsltool.config import from_dict
 
+    check_new_run(out_dir, resume=bool(kwargs.get("resume")), overwrite=bool(kwargs.get("overwrite")))
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_labels_csv(out_dir / "slides.csv", [LabeledItem(Path(p), lab) for p, lab in rows])
     from wsltool.train.labels import read_labels
