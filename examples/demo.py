@@ -51,8 +51,9 @@ def main() -> int:
         print(f"generating a synthetic cohort in {cohort} ...", flush=True)
         make_cohort(cohort, {"train": (4, 4), "valid": (1, 1), "test": (2, 2)}, seed=args.seed)
     model = out / "model"
-    if not (model / "best.pt").exists():
-        sh(["train", "--labels", str(cohort / "slides.csv"), "--out", str(model), *TRAIN_ARGS])
+    # a second `make demo` (or one after an interruption) continues the run: nothing left to do once finished
+    resume = ["--resume"] if (model / "last.pt").exists() else []
+    sh(["train", "--labels", str(cohort / "slides.csv"), "--out", str(model), *TRAIN_ARGS, *resume])
     from PIL import Image
 
     from wsltool.store import HeatmapStore
