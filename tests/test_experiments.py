@@ -187,3 +187,15 @@ def test_evidence_entropy_and_the_max_entropy_term() -> None:
     h, ce = ev._entropy([{"p_pred": 0.9}])
     assert h == pytest.approx(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1)))
     assert ce == pytest.approx(-0.5 * (np.log(0.9) + np.log(0.1)))  # 1.204: confident = far from the term's floor
+
+
+def test_heatmap_definitions_pick_the_right_class_map() -> None:
+    hd = _load_tool("glas_heatmap_definition")
+    cm = np.zeros((1, 2, 2, 3), np.float32)
+    cm[0, 0] = [[0, 1, 2], [3, 4, 5]]  # class 0 map
+    cm[0, 1] = [[5, 5, 1], [1, 1, 3]]  # class 1 map
+    out = {"probs": np.array([[0.2, 0.8]]), "mplus": np.full((1, 2, 3), 0.5), "class_maps": cm}
+    h = hd.heatmaps(out, label=0)
+    np.testing.assert_allclose(h["predicted"], [[1, 1, 0], [0, 0, 0.5]], atol=1e-6)  # class 1, normalised
+    np.testing.assert_allclose(h["true"], [[0, 0.2, 0.4], [0.6, 0.8, 1.0]], atol=1e-6)  # class 0, normalised
+    np.testing.assert_array_equal(h["weighted"], out["mplus"][0])  # the shipped M+, unchanged
