@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -369,6 +370,7 @@ def test_retrain_end_to_end_sets_localize_checkpoint(
     _, loc = viewer.window.add_plugin_dock_widget("wsltool", "Localize")
     w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
     viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    assert Path(w.out.value) == Path(tempfile.gettempdir())  # default: runs go to <tmp>/wsltool-retrain[-N]
     # too few rows: a notification, no job
     w.run_btn.native.click()
     assert not w.running and "at least two classes" in notes[-1][1]

@@ -399,7 +399,7 @@ class RetrainWidget(_JobHost, Container):
         self.out = FileEdit(
             label="output folder",
             mode=FileDialogMode.OPTIONAL_FILE,
-            value=Path(tempfile.gettempdir()) / "wsltool-retrain",
+            value=Path(tempfile.gettempdir()),  # runs go into <folder>/wsltool-retrain[-N]
         )
         self.run_btn = PushButton(text="Train")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
