@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         (mdata if k in mfields else tdata if k in tfields else mil_data)[k] = parse_value(v)
     src = Path(args.labels)
     items = glas_items(src) if src.is_dir() else read_labels(src, require_splits=())
-    check_train_splits(items, src / "labels.csv" if (src / "labels.csv").is_file() else src)
+    check_train_splits(items)
     classes = class_names_of(items)
     if len(classes) < 2:
         raise LabelsError(src, [f"need at least 2 classes, found {classes}"])

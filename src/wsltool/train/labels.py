@@ -187,7 +187,7 @@ def read_labels(
 TRAIN_SPLITS = ("train", "valid", "test")
 
 
-def check_train_splits(items: Sequence[LabeledItem], source: str | Path) -> None:
+def check_train_splits(items: Sequence[LabeledItem]) -> None:
     """Refuse split names training does not know, instead of silently leaving their rows out.
 
     Decision: no aliases (``val``, ``validation``): a misspelt split would otherwise train on the wrong rows
@@ -196,7 +196,7 @@ def check_train_splits(items: Sequence[LabeledItem], source: str | Path) -> None
     Raises
     ------
     LabelsError
-        Naming ``source`` and every offending line.
+        Naming the labels file the items came from and every offending line.
     """
     bad = [
         f"line {it.row}: unknown split {it.split!r} for {it.path.name} (known: {', '.join(TRAIN_SPLITS)})"
@@ -204,7 +204,7 @@ def check_train_splits(items: Sequence[LabeledItem], source: str | Path) -> None
         if it.split is not None and it.split not in TRAIN_SPLITS
     ]
     if bad:
-        raise LabelsError(source, bad)
+        raise LabelsError(items[0].source or items[0].path.parent, bad)
 
 
 def class_names_of(items: Sequence[LabeledItem]) -> list[str]:
