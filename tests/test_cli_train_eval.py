@@ -11,6 +11,9 @@ from PIL import Image
 
 from wsltool.cli import main
 
+TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
+TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
+
 
 def _images(root: Path, n: int = 6) -> Path:
     rng = np.random.default_rng(0)
@@ -143,8 +146,7 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
 
     csv = _images(tmp_path)
     out = tmp_path / "ens"
-    common = ["--backbone", "tiny", "--pretrained", "none", "--epochs", "1", "--crop", "32", "--batch-size", "2"]
-    common += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
+    common = [*TINY_ARGS, "--epochs", "1"]
     assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "3,7", *common]) == 0
     text = capsys.readouterr().out
     assert "(seed 3)" in text and "(seed 7)" in text and f"ensemble: {out / 'ensemble.pt'}" in text
@@ -167,10 +169,6 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
         err = capsys.readouterr().err
         assert rc != 0 and words in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
-
-
-TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
-TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -30,8 +30,12 @@ KINDS = ("weighted", "predicted", "true")
 
 
 def _normalise(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo + 1e-8)
+    """Per-image min-max normalisation, exactly as M+ (``wsltool.models.minmax.normalize_per_image``)."""
+    import torch
+
+    from wsltool.models.minmax import normalize_per_image
+
+    return normalize_per_image(torch.from_numpy(np.ascontiguousarray(m))[None])[0].numpy()
 
 
 def heatmaps(out: dict[str, np.ndarray], label: int) -> dict[str, np.ndarray]:
