@@ -22,6 +22,7 @@ from wsltool.train.slides import (
     prepare_sources,
     roc_auc,
     stratified_split,
+    train_from_items,
 )
 
 TINY_MODEL = {"backbone": "efficientnet_lite0", "pretrained": "none"}
@@ -64,6 +65,20 @@ def test_bad_csv_reports_every_problem(tmp_path: Path, cohort: Path) -> None:
     assert "line 4: duplicate of line 2" in msg
     assert "line 5: missing label for broken.svs" in msg
     assert "class 'benign' has no item" in msg
+
+
+def test_split_problem_names_the_labels_file_not_a_split_never_written(tmp_path: Path, cohort: Path) -> None:
+    """With a split column of its own, a CSV whose rows are all ``valid`` is reported against that CSV (no
+    ``splits.csv`` was written), and the run folder is not created."""
+    rows = read_labels(cohort / "slides.csv")
+    csv = tmp_path / "all_valid.csv"
+    csv.write_text("path,label,split\n" + "".join(f"{it.path},{it.label},valid\n" for it in rows))
+    out = tmp_path / "run"
+    with pytest.raises(LabelsError) as ei:
+        train_from_items(read_labels(csv), out)
+    msg = str(ei.value)
+    assert msg.startswith(f"{csv}:") and "split 'train' has no item" in msg and "splits.csv" not in msg
+    assert not out.exists()
 
 
 def test_unreadable_slides_reported_together_before_training(tmp_path: Path, cohort: Path) -> None:

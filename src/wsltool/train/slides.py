@@ -628,11 +628,13 @@ def train_from_items(
     out = Path(out_dir)
     check_new_run(out, resume=bool(kwargs.get("resume")), overwrite=bool(kwargs.get("overwrite")))
     names = list(class_names) if class_names else sorted({it.label for it in items})
+    # the file a split problem is reported against: the split we write, else the labels file the items came from
+    split_file: Path = next((it.source for it in items if it.source is not None), out / "splits.csv")
     if any(it.split is None for it in items):
         items = stratified_split(items, valid_fraction, seed=(train_cfg or TrainConfig()).seed)
         out.mkdir(parents=True, exist_ok=True)
-        write_labels_csv(out / "splits.csv", items)
-        log.info("no split column: stratified split written to %s", out / "splits.csv")
+        split_file = write_labels_csv(out / "splits.csv", items)
+        log.info("no split column: stratified split written to %s", split_file)
     tr = [it for it in items if it.split == "train"]
     va = [it for it in items if it.split == "valid"]
     problems = []
@@ -640,7 +642,7 @@ def train_from_items(
         problems.append("split 'train' has no item")
     problems.extend(f"class {c!r} has no training item" for c in names if not any(it.label == c for it in tr))
     if problems:
-        raise LabelsError(out / "splits.csv", problems)
+        raise LabelsError(split_file, problems)
     mcfg = model_cfg or ModelConfig(**{**SLIDE_MODEL_DEFAULTS, "num_classes": len(names)})
     return fit_slides(tr, va, names, mcfg, train_cfg or TrainConfig(), mil or MilConfig(), out, **kwargs)
 
