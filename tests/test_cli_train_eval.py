@@ -161,6 +161,12 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
         rows.append(json.loads(capsys.readouterr().out))
     assert rows[0]["n"] == rows[1]["n"] == 6
     assert rows[0]["pixel_auc"] != rows[1]["pixel_auc"]  # the views really were averaged
+    # another set of seeds into the same folder would silently replace the ensemble of 3 and 7: refused
+    before = (out / "ensemble.pt").read_bytes()
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "4,5", *common]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"{out / 'ensemble.pt'}: already exists" in err and len(err.splitlines()) == 1
+    assert (out / "ensemble.pt").read_bytes() == before and not (out / "seed_4").exists()
     for bad, words in (
         (["--seeds", "1"], "--seeds expects two or more distinct integers"),
         (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),

@@ -137,6 +137,24 @@ def test_ensemble_refuses_what_cannot_be_averaged(tmp_path: Path, capsys: pytest
     assert p0.read_bytes() == before
 
 
+def test_ensemble_never_replaces_an_existing_file_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p0 = make_checkpoint(tmp_path / "a.pt", seed=0, **TINY)
+    p1 = make_checkpoint(tmp_path / "b.pt", seed=1, **TINY)
+    p2 = make_checkpoint(tmp_path / "c.pt", seed=2, **TINY)
+    dst = tmp_path / "shipped.pt"
+    assert main(["ensemble", str(p0), str(p1), "-o", str(dst)]) == 0
+    capsys.readouterr()
+    before = dst.read_bytes()
+    assert main(["ensemble", str(p0), str(p2), "-o", str(dst)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert str(dst) in err and "already exists" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert dst.read_bytes() == before
+    assert main(["ensemble", str(p0), str(p2), "-o", str(dst), "--overwrite"]) == 0
+    assert [e["source"] for e in read_checkpoint(dst)["meta"]["ensemble"]] == [str(p0), str(p2)]
+
+
 class NormalisedPositionStub(torch.nn.Module):
     """M+ = the input's red channel area-averaged to the output size, min-max normalised per region."""
 

@@ -15,7 +15,8 @@ def register(sub: Any) -> None:
         "members' normalised M+ averaged. Inference costs one forward pass per member.",
     )
     p.add_argument("models", nargs="+", help="two or more checkpoints for the same classes and mpp")
-    p.add_argument("-o", "--out", required=True, help="ensemble checkpoint to write")
+    p.add_argument("-o", "--out", required=True, help="ensemble checkpoint to write (an existing file is refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
 
 
@@ -23,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     """Write the ensemble checkpoint and say what it holds."""
     from wsltool.train.checkpoint import save_ensemble
 
-    meta = save_ensemble(args.out, args.models)
+    meta = save_ensemble(args.out, args.models, overwrite=args.overwrite)
     print(f"{args.out}: {len(meta['ensemble'])} members ({meta['method']}), classes {', '.join(meta['class_names'])}")
     return 0

@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     out_dirs = [Path(args.out)] if not seeds else [Path(args.out) / f"seed_{sd}" for sd in seeds]
     for out_k in out_dirs:  # before anything is written (splits.csv)
         check_new_run(out_k, resume=args.resume, overwrite=args.overwrite)
+    ens = Path(args.out) / "ensemble.pt"
+    if seeds and ens.exists() and not (args.resume or args.overwrite):  # an ensemble of other seeds' runs
+        msg = f"{ens}: already exists; pass --resume to rebuild it from these seeds, --overwrite, or another --out"
+        raise ConfigError(msg)
     has_split = any(it.split is not None for it in items)
     if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
         from wsltool.train.slides import stratified_split, write_labels_csv
@@ -168,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if seeds:
         from wsltool.train.checkpoint import save_ensemble
 
-        ens = Path(args.out) / "ensemble.pt"
-        save_ensemble(ens, [r.best for r in results])
+        save_ensemble(ens, [r.best for r in results], overwrite=True)  # checked above, before training
         print(f"ensemble: {ens} (the best.pt of {len(results)} seeds, heatmaps averaged)")
     return 0
 

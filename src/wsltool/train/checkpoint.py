@@ -244,7 +244,7 @@ def _model_config(data: Any, path: Path) -> ModelConfig:
         raise CheckpointError(msg) from exc
 
 
-def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, Any]:
+def save_ensemble(path: str | Path, sources: Sequence[str | Path], *, overwrite: bool = False) -> dict[str, Any]:
     """Combine trained checkpoints into one ensemble checkpoint whose ``localize`` averages theirs.
 
     Parameters
@@ -254,6 +254,10 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
     sources
         Two or more checkpoints for the same task: same class names and the same ``mpp`` (slides are read at
         it).  Members may differ in method, backbone or seed.  An ensemble is not a valid source.
+    overwrite
+        Replace an existing ``path``.  Without it an existing file is refused before any member is read, as
+        ``wsltool train`` refuses a folder that holds a run: a model a user may have shipped is never replaced
+        by accident.
 
     Returns
     -------
@@ -264,7 +268,8 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
     Raises
     ------
     CheckpointError
-        Fewer than two sources, an unreadable source, a nested ensemble, or members for different tasks.
+        Fewer than two sources, ``path`` exists (without ``overwrite``), an unreadable source, a nested
+        ensemble, or members for different tasks.
     """
     path = Path(path)
     srcs = [Path(s) for s in sources]
@@ -273,6 +278,9 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path]) -> dict[str, 
         raise CheckpointError(msg)
     if any(s.resolve() == path.resolve() for s in srcs):
         msg = f"{path}: the ensemble would overwrite one of its members"
+        raise CheckpointError(msg)
+    if path.exists() and not overwrite:
+        msg = f"{path}: already exists; pass --overwrite to replace it, or choose another file"
         raise CheckpointError(msg)
     sd: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
