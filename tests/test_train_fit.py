@@ -361,6 +361,12 @@ def test_checkpoint_selection_rule_lower_error_then_loss_ties_to_the_later_epoch
         if improves(key, best_key):
             best_key, best = key, epoch
     assert best == 2 and best_key == (0.0, 0.9)  # error first, then loss; the tie of epochs 1 and 2 -> 2
+    best_key, best = None, -1
+    for epoch, (err, loss) in enumerate(recs):  # method.md's rule: error alone, ties -> the later epoch
+        key = selection_key({"valid_error": err, "valid_loss": loss}, "error")
+        if improves(key, best_key):
+            best_key, best = key, epoch
+    assert best == 3 and best_key == (0.0, 0.0)
     assert selection_key({"valid_error": 5.0, "valid_loss": 0.1}, "loss") == (0.1, 0.0)
     assert selection_key({"valid_error": 5.0, "valid_loss": 0.1}, "last") == (0.0, 0.0)
     assert not improves(None, (1.0, 1.0))  # an epoch that was not validated never becomes the best
@@ -438,3 +444,36 @@ def test_augment_draws_every_flip_and_rotation_and_nothing_else() -> None:
         assert len(hits) == 1
         seen.add(hits[0])
     assert seen == set(range(8))
+
+
+def test_sigma_schedule_reaches_inference_checkpoints_and_ensembles(tmp_path: Path) -> None:
+    """``TrainConfig.sigma_end`` (TMI: 0.15 -> 0.2) moves sigma over the epochs; validation, the saved
+    checkpoints and their loaded models classify X+ with the epoch's sigma, not the start value."""
+    from wsltool.models.minmax import pseudo_binary
+    from wsltool.train.checkpoint import read_checkpoint, save_ensemble
+    from wsltool.train.loop import sigma_at
+
+    mc = ModelConfig(**TINY, sigma=0.15, w=5.0)
+    tc = TrainConfig(epochs=3, batch_size=4, crop=48, num_threads=1, sigma_end=0.2, select="last")
+    assert [sigma_at(e, mc, tc) for e in range(3)] == pytest.approx([0.15, 0.175, 0.2])
+    assert sigma_at(2, mc, replace(tc, sigma_end=None)) is None
+    torch.set_num_threads(1)
+    items = make_squares(tmp_path / "d", 8, 0, size=64, side=24)
+    res = fit(items[:6], items[6:], CLASSES, mc, tc, tmp_path / "run", progress=False)
+    assert read_checkpoint(res.last)["meta"]["infer_sigma"] == pytest.approx(0.2)
+    model, _ = load_checkpoint(res.last)
+    assert model.infer_sigma == pytest.approx(0.2)
+    x = model.normalize(torch.from_numpy(np.array(Image.open(items[6].path))).permute(2, 0, 1)[None])
+    with torch.inference_mode():
+        scores, maps = model.heads_out(x)
+        mplus = model.mplus(scores, maps, (64, 64))
+        want = {s: model.classify(x * pseudo_binary(mplus, 5.0, s)).softmax(1) for s in (0.15, 0.2)}
+        got = model._infer(x)[2]
+    assert torch.equal(got, want[0.2]) and not torch.equal(got, want[0.15])  # the same ops, bit for bit
+    # an ensemble keeps each member's sigma; a model trained without a schedule has none
+    plain_tc = replace(tc, sigma_end=None)
+    plain = fit(items[:6], items[6:], CLASSES, ModelConfig(**TINY), plain_tc, tmp_path / "p", progress=False)
+    assert read_checkpoint(plain.last)["meta"]["infer_sigma"] is None
+    save_ensemble(tmp_path / "e.pt", [res.last, plain.last])
+    ens, _ = load_checkpoint(tmp_path / "e.pt")
+    assert [m.infer_sigma for m in ens.members] == [pytest.approx(0.2), None]

@@ -396,6 +396,10 @@ class ModelConfig:
         ``"none"``, ``"absolute"`` (TMI: both regions non-empty), ``"range"`` (area in [area_min, area_max])
         or ``"batch_range"`` (the batch's mean area in [area_min, area_max], each image only non-empty);
         applied through the extended log-barrier, only when the mask is not detached (else it has no gradient).
+        Areas are fractions of the image, where TMI writes sums of m and 1 - m: the gradient is the same
+        wherever the barrier's log branch applies (sum = N x fraction), and the loss reads alike at any crop
+        size; the linear extension then starts at a mask below 1/t^2 of the image (4 % at t = 5, 1 % at t = 10)
+        instead of below 1/t^2 pixels, which caps the push away from an empty mask at slope t there.
         ``"range"`` is the default: on GlaS at 20 epochs ``"batch_range"`` tied it on PxAP at 2.2 less F1-
         (8 seeds); at 40 epochs it ranked higher over 5 seeds and not clearly so over 10 (docs/glas.md,
         lessons 17 and 18).
@@ -413,7 +417,9 @@ class ModelConfig:
         An integer is a number of epochs (a warning when longer than half the run, an error when the min-max
         terms would never run).
     erase_passes, erase_sigma, erase_start
-        Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.
+        Recursive erasing: passes u (0 or 1 = off), trust decay, first epoch with erasing.  With erasing the
+        logged ``loc`` is the localizer's cross-entropy summed over the passes (what is back-propagated, so
+        ``total`` stays ``loc + pos + neg [+ size]``); ``passes`` logs how many ran.
     bn_mode
         ``"train"``: BatchNorm statistics from every pass (X, X+, X-, as the paper code);
         ``"masked_running"``: X+ / X- passes use the running statistics of X and do not update them;
@@ -557,7 +563,9 @@ class TrainConfig:
         Validate every this many epochs (and at the last epoch).
     select
         Checkpoint (``best.pt``) selection without masks: ``"error_loss"`` (validation error, then validation
-        loss), ``"loss"`` or ``"last"``; ties go to the later epoch.
+        loss), ``"error"`` (validation error alone: method.md's rule), ``"loss"`` or ``"last"``; ties go to the
+        later epoch.  The default breaks method.md's ties on error by the loss because on GlaS the valid error
+        reaches 0 within a few epochs, after which "later epoch" alone would just pick the last one.
     """
 
     epochs: int = 20
@@ -582,7 +590,7 @@ class TrainConfig:
     amp: bool = True
     workers: int = 0
     eval_every: int = 1
-    select: typing.Literal["error_loss", "loss", "last"] = "error_loss"
+    select: typing.Literal["error_loss", "error", "loss", "last"] = "error_loss"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"TrainConfig.epochs must be >= 1, got {self.epochs}")

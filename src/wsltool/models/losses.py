@@ -53,7 +53,8 @@ def size_loss(
         Barrier parameter (grows during training).
     mode
         ``"absolute"`` (TMI: both regions non-empty, constraints ``-s+ <= 0`` and ``-s- <= 0`` with ``s``
-        the area fractions of m and 1 - m), ``"range"`` (the area fraction of m kept in
+        the area fractions of m and 1 - m: TMI's sums divided by the pixel count, the same gradient wherever
+        the log branch applies; see ``ModelConfig.size_prior``), ``"range"`` (the area fraction of m kept in
         ``[area_min, area_max]`` in every image) or ``"batch_range"`` (the batch's mean area in
         ``[area_min, area_max]``, each image only non-empty and non-full as ``"absolute"``: a prior on the
         data set's area that lets a crop with few or many glands have a small or large mask).

@@ -218,6 +218,10 @@ class MinMaxNet(_Base):
             # 1 once the classifier's backbone was set to the warmed-up localizer's (saved, so --resume keeps it)
             self.register_buffer("cls_synced", torch.zeros((), dtype=torch.uint8))
         self._synced_seen = False  # host-side cache of cls_synced: no device sync per training step once set
+        #: Pseudo-binary sigma of the classifier's X+ at inference and validation (None: ``cfg.sigma``).  Set by
+        #: training when ``TrainConfig.sigma_end`` moves sigma over the epochs, so a model classifies with the
+        #: mask it was last trained with; checkpoints save it (``meta["infer_sigma"]``).
+        self.infer_sigma: float | None = None
 
     @property
     def classifier_features(self) -> nn.Module:
@@ -283,7 +287,7 @@ class MinMaxNet(_Base):
 
     def _infer(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores, maps = self.heads_out(xn)
-        m = self.soft_mask(scores, maps, (xn.shape[-2], xn.shape[-1]))
+        m = self.soft_mask(scores, maps, (xn.shape[-2], xn.shape[-1]), self.infer_sigma)
         probs = self.classify(xn * m.to(xn.dtype)).float().softmax(dim=1)
         return scores, maps, probs
 

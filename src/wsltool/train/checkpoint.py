@@ -111,6 +111,7 @@ def save_checkpoint(
         "train_config": train_config or {},
         "wsltool_version": __version__,
         "fingerprint": weights_fingerprint(sd),
+        "infer_sigma": getattr(model, "infer_sigma", None),  # set when TrainConfig.sigma_end moved sigma
         "extra": extra or {},
     }
     blob: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
@@ -184,7 +185,8 @@ def load_checkpoint(
     -------
     (model, meta)
         ``meta`` holds ``class_names``, ``mpp``, ``input_size``, ``method``, ``config``, ``normalization``,
-        ``wsltool_version``, ``fingerprint``, ``train_config``, ``extra``.
+        ``wsltool_version``, ``fingerprint``, ``train_config``, ``extra`` and ``infer_sigma`` (the pseudo-binary
+        sigma the model classifies with when training scheduled it; None otherwise).
 
     Raises
     ------
@@ -226,6 +228,11 @@ def load_checkpoint(
     except RuntimeError as exc:
         msg = f"{path}: weights do not fit the configured model ({str(exc).splitlines()[0]})"
         raise CheckpointError(msg) from exc
+    sigmas = [m.get("infer_sigma") if isinstance(m, dict) else None for m in members or [meta]]
+    nets: list[Any] = [model] if members is None else list(model.members)  # type: ignore[arg-type]
+    for net, sg in zip(nets, sigmas, strict=True):
+        if sg is not None and hasattr(net, "infer_sigma"):
+            net.infer_sigma = float(sg)
     model.to(map_location).eval()
     meta = dict(meta)
     meta["path"] = str(path)
@@ -303,12 +310,13 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path], *, overwrite:
             {
                 "config": meta["config"],
                 "fingerprint": meta.get("fingerprint"),
+                "infer_sigma": meta.get("infer_sigma"),
                 "source": str(src),
                 "train_config": meta.get("train_config", {}),
             }
         )
     methods = sorted({e["config"].get("method", "minmax") for e in entries})
-    meta = {k: v for k, v in first.items() if k != "path"}
+    meta = {k: v for k, v in first.items() if k not in ("path", "infer_sigma")}  # sigmas: per member
     meta.update(
         {
             "method": methods[0] if len(methods) == 1 else "+".join(methods),

@@ -61,10 +61,12 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, xn: torch.Tensor, y: torch.Tensor, epoch: int, barrier_t: float) -> dict[str, Any]:
+    def forward(
+        self, xn: torch.Tensor, y: torch.Tensor, epoch: int, barrier_t: float, sigma: float | None = None
+    ) -> dict[str, Any]:
         """The wrapped model's training losses."""
         net: Any = self.model
-        return dict(net.training_losses(xn, y, epoch=epoch, barrier_t=barrier_t))
+        return dict(net.training_losses(xn, y, epoch=epoch, barrier_t=barrier_t, sigma=sigma))
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.Module:

@@ -1,8 +1,9 @@
 """Image-level training: min-max (or baseline) losses, validation, checkpoints, resume.
 
 Checkpoint selection needs no masks (``TrainConfig.select``): ``"error_loss"`` (default) = lowest validation
-classification error, then lowest validation loss (cross-entropy of the method's classifier); ``"loss"`` = lowest
-validation loss; ``"last"`` = the last validated epoch.  Ties go to the later epoch.
+classification error, then lowest validation loss (cross-entropy of the method's classifier); ``"error"`` = lowest
+validation error alone (method.md); ``"loss"`` = lowest validation loss; ``"last"`` = the last validated epoch.
+Ties go to the later epoch.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def selection_key(rec: dict[str, Any], select: str) -> tuple[float, float]:
     """Key (lower is better, ties -> later epoch) of a validated epoch for the ``select`` rule."""
     if select == "error_loss":
         return (float(rec["valid_error"]), float(rec["valid_loss"]))
+    if select == "error":
+        return (float(rec["valid_error"]), 0.0)
     if select == "loss":
         return (float(rec["valid_loss"]), 0.0)
     return (0.0, 0.0)  # "last"
@@ -81,6 +84,22 @@ def barrier_t(epoch: int, cfg: TrainConfig) -> float:
     ``barrier_t0 * barrier_growth ** epoch``, capped at ``barrier_tmax`` (TMI: 5, x1.01 per epoch, 10).
     """
     return float(min(cfg.barrier_t0 * cfg.barrier_growth**epoch, cfg.barrier_tmax))
+
+
+def sigma_at(epoch: int, model_cfg: ModelConfig, cfg: TrainConfig) -> float | None:
+    """Pseudo-binary sigma at ``epoch``: ``ModelConfig.sigma`` moved linearly to ``sigma_end`` at the last epoch.
+
+    None when ``sigma_end`` is None (the model's constant ``sigma``).  TMI: 0.15 -> 0.2.
+    """
+    if cfg.sigma_end is None:
+        return None
+    return float(model_cfg.sigma + (cfg.sigma_end - model_cfg.sigma) * epoch / max(1, cfg.epochs - 1))
+
+
+def set_infer_sigma(model: torch.nn.Module, sigma: float | None) -> None:
+    """Let ``model`` validate and infer with the sigma it trains with this epoch (min-max models only)."""
+    if hasattr(model, "infer_sigma"):
+        setattr(model, "infer_sigma", sigma)  # noqa: B010 (a MinMaxNet attribute, not a declared Module one)
 
 
 def improves(key: tuple[float, ...] | None, best_key: tuple[float, ...] | None) -> bool:
@@ -226,9 +245,8 @@ def fit(
             leave=False,
         )
         t_bar = barrier_t(epoch, train_cfg)
-        sigma = None
-        if train_cfg.sigma_end is not None:
-            sigma = model_cfg.sigma + (train_cfg.sigma_end - model_cfg.sigma) * epoch / max(1, train_cfg.epochs - 1)
+        sigma = sigma_at(epoch, model_cfg, train_cfg)
+        set_infer_sigma(model, sigma)
         n_done = 0
         for i, (xb, yb) in enumerate(bar):
             n_done += 1
@@ -297,4 +315,14 @@ def fit(
     return FitResult(best_path, last_path, history, best_epoch, time.perf_counter() - t_start)
 
 
-__all__ = ["FitResult", "barrier_t", "fit", "improves", "lr_factor", "selection_key", "validate"]
+__all__ = [
+    "FitResult",
+    "barrier_t",
+    "fit",
+    "improves",
+    "lr_factor",
+    "selection_key",
+    "set_infer_sigma",
+    "sigma_at",
+    "validate",
+]

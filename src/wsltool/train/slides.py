@@ -46,7 +46,7 @@ from wsltool.train.checkpoint import (
 )
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
-from wsltool.train.loop import _optimizer, barrier_t, improves, lr_factor
+from wsltool.train.loop import _optimizer, barrier_t, improves, lr_factor, set_infer_sigma, sigma_at
 from wsltool.train.rundir import check_new_run, start_run_dir
 
 log = logging.getLogger(__name__)
@@ -453,6 +453,8 @@ def fit_slides(
             n_batches = max(1, len(order_arr) // bs) if len(order_arr) >= bs else 1
             sums: dict[str, float] = {}
             t_bar = barrier_t(epoch, train_cfg)
+            sigma = sigma_at(epoch, model_cfg, train_cfg)
+            set_infer_sigma(model, sigma)  # slide validation scores with this epoch's mask
             stopped = False
             for b in range(n_batches):
                 if should_stop is not None and should_stop():
@@ -465,7 +467,7 @@ def fit_slides(
                 xb = torch.stack([augment(xall[i], mil.region, train_cfg.color_jitter, gen) for i in sel])
                 yb = torch.as_tensor(yall[sel], dtype=torch.long, device=dev)
                 net: Any = model
-                losses = loss_module(net.normalize(xb.to(dev)), yb, epoch, t_bar)
+                losses = loss_module(net.normalize(xb.to(dev)), yb, epoch, t_bar, sigma)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 opt.step()
