@@ -139,6 +139,9 @@ def test_per_image_normalisation_and_pseudo_binary() -> None:
     for i in range(2):
         assert both[i].min().item() == pytest.approx(0.0, abs=1e-6)
         assert both[i].max().item() == pytest.approx(1.0, abs=1e-5)
+    tiny = normalize_per_image(torch.tensor([[0.0, 5e-7, 1e-6]]))  # a small range is stretched all the way
+    assert tiny.tolist() == [[0.0, 0.5, 1.0]]
+    assert normalize_per_image(torch.full((1, 4), 3.0)).tolist() == [[0.0] * 4]  # a constant map becomes 0
     m = pseudo_binary(both, w=8.0, sigma=0.5)
     assert (m > 0).all() and (m < 1).all()
     assert m.min().item() == pytest.approx(1 / (1 + math.exp(4)), rel=1e-4)

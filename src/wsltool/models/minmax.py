@@ -39,7 +39,8 @@ def normalize_per_image(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     maps
         ``(B, H, W)`` or ``(B, 1, H, W)``.
     eps
-        Guard for constant maps (which become 0).
+        Guard for constant maps (a range below ``eps``: they become 0); any larger range maps exactly onto
+        [0, 1].
 
     Returns
     -------
@@ -49,7 +50,7 @@ def normalize_per_image(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     flat = maps.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo + eps)).view_as(maps)
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)  # the max is exactly 1 unless constant
 
 
 def weighted_map(scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
