@@ -18,7 +18,7 @@ from wsltool.models.ensemble import average_outputs
 from wsltool.store import HeatmapStore
 from wsltool.testing import write_svs
 from wsltool.testing.models import make_checkpoint
-from wsltool.train.checkpoint import load_checkpoint, read_checkpoint, save_ensemble
+from wsltool.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, save_ensemble
 
 TINY = {"backbone": "tiny", "output_stride": 8}
 
@@ -114,7 +114,7 @@ def test_ensemble_refuses_what_cannot_be_averaged(tmp_path: Path, capsys: pytest
     other = make_checkpoint(tmp_path / "c.pt", class_names=("normal", "tumour"), **TINY)
     coarse = make_checkpoint(tmp_path / "m.pt", mpp=2.0, **TINY)
     ens = tmp_path / "e.pt"
-    save_ensemble(ens, [p0, tmp_path / "a.pt"])
+    save_ensemble(ens, [p0, make_checkpoint(tmp_path / "b.pt", seed=1, **TINY)])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     cases = [
@@ -187,15 +187,19 @@ def test_slide_inference_with_tta_and_an_ensemble(tmp_path: Path) -> None:
 
 
 def test_ensemble_checkpoint_runs_slide_inference_like_its_member(tmp_path: Path) -> None:
-    """A real ensemble file through ``infer_slide`` (load, BatchNorm folding, autocast path): two copies of one
-    model give that model's heatmap; the provenance names the ensemble."""
+    """A real ensemble file through ``infer_slide`` (load, BatchNorm folding, autocast path): two models that
+    differ by one nudged bias (an ensemble refuses identical weights) give the first one's heatmap; the
+    provenance names the ensemble."""
     rng = np.random.default_rng(0)
     base = np.array([180.0, 60.0, 170.0])  # H&E pink-purple everywhere: all tissue, with texture for the model
     img = np.clip(base + rng.normal(0, 25, (512, 640, 3)), 0, 255).astype(np.uint8)
     slide = write_svs(tmp_path / "s.svs", img, mpp=0.5, compression="none", factors=(2,))
     one = make_checkpoint(tmp_path / "one.pt", input_size=64, mpp=1.0, **TINY)
-    two = tmp_path / "copy.pt"
-    two.write_bytes(one.read_bytes())
+    twin, _ = load_checkpoint(one)
+    with torch.no_grad():
+        twin.loc_head.conv.bias.add_(1e-6)
+    save_checkpoint(tmp_path / "twin.pt", twin, class_names=["benign", "malignant"], mpp=1.0, input_size=64)
+    two = tmp_path / "twin.pt"
     ens = tmp_path / "ens.pt"
     save_ensemble(ens, [one, two])
     cfg = InferConfig(mpp=1.0, out_factor=4, workers=0, chunk=32, min_tissue=0.0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -140,7 +142,10 @@ def evaluate(
     threshold
         Mask threshold on the normalised M+ (default: the model's ``cfg.threshold``, else 0.5).
     out_dir
-        When given: ``metrics.csv`` (per image), ``summary.csv`` and overlay PNGs are written there.
+        When given: ``metrics.csv`` (per image), ``summary.csv`` and ``overlays/`` are written there, as one
+        set and only once every item was evaluated: an earlier evaluation's three are replaced together (its
+        overlays too, so none is left beside another model's metrics), and a failed one leaves them as they
+        were.
     overlays
         Number of overlay images (first N items with a mask).
     device
@@ -155,14 +160,39 @@ def evaluate(
         ``chance_neg`` (x100, means over images with masks), ``pxap``, ``pixel_auc`` (x100), ``n``,
         ``n_masks``, ``images_per_s``.
     """
+    if threshold is None:
+        threshold = float(getattr(getattr(model, "cfg", None), "threshold", 0.5))
+    out = Path(out_dir) if out_dir is not None else None
+    stage = out / ".overlays.partial" if out is not None and overlays > 0 else None  # renamed once complete
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
+    try:
+        rows, summary = _evaluate_items(model, items, class_names, threshold, stage, overlays, device, progress)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out is not None:
+        _write_results(out, rows, summary, stage)
+    return rows, summary
+
+
+def _evaluate_items(
+    model: Any,
+    items: Sequence[LabeledItem],
+    class_names: Sequence[str],
+    threshold: float,
+    stage: Path | None,
+    overlays: int,
+    device: str,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The loop of :func:`evaluate`: per-image rows and the summary; overlays go to ``stage``."""
     import torch
     from tqdm import tqdm
 
     from wsltool.train.data import find_mask, read_image, read_mask
 
-    if threshold is None:
-        threshold = float(getattr(getattr(model, "cfg", None), "threshold", 0.5))
-    out = Path(out_dir) if out_dir is not None else None
     curve = PixelCurve()
     rows: list[dict[str, Any]] = []
     n_over = 0
@@ -190,8 +220,8 @@ def evaluate(
             gt = read_mask(mp, img.shape[:2])
             row.update(image_metrics(heat, gt, threshold))
             curve.add(heat, gt)
-            if out is not None and n_over < overlays:
-                overlay_png(img, gt, heat, heat >= threshold, out / "overlays" / f"{it.path.stem}.png")
+            if stage is not None and n_over < overlays:
+                overlay_png(img, gt, heat, heat >= threshold, stage / f"{it.path.stem}.png")
                 n_over += 1
         rows.append(row)
     dt = time.perf_counter() - t0
@@ -207,18 +237,29 @@ def evaluate(
         summary[k] = 100.0 * float(np.mean([r[k] for r in with_mask])) if with_mask else float("nan")
     summary["pxap"] = 100.0 * curve.ap() if with_mask else float("nan")
     summary["pixel_auc"] = 100.0 * curve.auc() if with_mask else float("nan")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with (out / "metrics.csv").open("w", newline="", encoding="utf-8") as fh:
-            wr = csv.DictWriter(fh, fieldnames=keys)
-            wr.writeheader()
-            wr.writerows(rows)
-        with (out / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
-            wr2 = csv.writer(fh)
-            wr2.writerow(list(summary))
-            wr2.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in summary.values()])
     return rows, summary
+
+
+def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], stage: Path | None) -> None:
+    """Write ``metrics.csv`` and ``summary.csv`` (each renamed into place) and move ``stage`` to ``overlays``."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "metrics.csv.tmp").open("w", newline="", encoding="utf-8") as fh:
+        wr = csv.DictWriter(fh, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    with (out / "summary.csv.tmp").open("w", newline="", encoding="utf-8") as fh:
+        wr2 = csv.writer(fh)
+        wr2.writerow(list(summary))
+        wr2.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in summary.values()])
+    final = out / "overlays"
+    if final.exists():
+        log.info("%s: replacing an earlier evaluation's overlays", final)
+        shutil.rmtree(final)
+    if stage is not None and stage.exists():
+        stage.rename(final)
+    os.replace(out / "metrics.csv.tmp", out / "metrics.csv")
+    os.replace(out / "summary.csv.tmp", out / "summary.csv")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

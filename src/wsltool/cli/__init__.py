@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WslError as exc:
         print(f"wsltool {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # an output (or input) path the system refuses: one line naming it, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"wsltool {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"wsltool {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     """Train and print where the checkpoints are."""
     import tomllib
 
-    from wsltool.config import ModelConfig, TrainConfig, from_dict, parse_value
+    from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict, parse_value
     from wsltool.errors import ConfigError, LabelsError
+    from wsltool.infer.run import resolve_device
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import check_train_splits, class_names_of, read_labels
     from wsltool.train.loop import fit
@@ -83,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             msg = f"{args.config}: cannot read TOML ({exc})"
             raise ConfigError(msg) from exc
+        unknown = sorted(set(raw) - {"model", "train", "mil"})
+        if unknown:
+            msg = f"{args.config}: unknown section(s) {', '.join(unknown)} (sections: model, train, mil)"
+            raise ConfigError(msg)
         mdata.update(raw.get("model", {}))
         tdata.update(raw.get("train", {}))
+        mil_data.update(raw.get("mil", {}))
     for key, val in (("method", args.method), ("backbone", args.backbone), ("pretrained", args.pretrained)):
         if val is not None:
             mdata[key] = val
@@ -99,12 +105,17 @@ def run(args: argparse.Namespace) -> int:
             tdata[key] = val
     mfields = {f.name for f in dataclasses.fields(ModelConfig)}
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mil_fields = {f.name for f in dataclasses.fields(MilConfig)}
     for kv in args.set:
         k, eq, v = kv.partition("=")
         if not eq:
             msg = f"--set expects KEY=VALUE, got {kv!r}"
             raise ConfigError(msg)
+        if k not in mfields | tfields | mil_fields:
+            msg = f"--set {k}: unknown setting (not a field of ModelConfig, TrainConfig or MilConfig)"
+            raise ConfigError(msg)
         (mdata if k in mfields else tdata if k in tfields else mil_data)[k] = parse_value(v)
+    args.device = str(resolve_device(args.device or "auto"))  # a bad --device fails before any work
     src = Path(args.labels)
     items = glas_items(src) if src.is_dir() else read_labels(src, require_splits=())
     check_train_splits(items)
@@ -126,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
             )
             raise ConfigError(msg)
         return _run_slides(args, items, classes, mdata, tdata, src)
+    if mil_data:  # multiple-instance settings mean nothing to image training: say so rather than drop them
+        msg = f"{', '.join(sorted(mil_data))}: multiple-instance (slide) setting(s), but {src} lists images only"
+        raise ConfigError(msg)
     out_dirs = [Path(args.out)] if not seeds else [Path(args.out) / f"seed_{sd}" for sd in seeds]
     for out_k in out_dirs:  # before anything is written (splits.csv)
         check_new_run(out_k, resume=args.resume, overwrite=args.overwrite)

@@ -33,7 +33,7 @@ class ImageSlide(Slide):
                     fmt = (im.format or "image").lower()
                     dpi = im.info.get("dpi")
                     im.load()
-                    arr = np.asarray(im.convert("RGB"))
+                    arr = pil_to_rgb8(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise SlideFormatError(path, f"not a readable image ({exc})") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -48,3 +48,27 @@ class ImageSlide(Slide):
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return self._arr[y : y + h, x : x + w]
+
+
+def pil_to_rgb8(im: Image.Image) -> np.ndarray:
+    """A PIL image as ``uint8 (H, W, 3)`` RGB, high-bit-depth greyscale scaled rather than clipped.
+
+    ``convert("RGB")`` clips 16-bit greyscale at 255 (a 16-bit image turns almost white), so ``I;16*`` modes
+    (0-65535) are divided by 257; ``I`` / ``F`` (no declared range) are taken as 8-bit when every value fits
+    0-255 and as 16-bit when they fit 0-65535.
+
+    Raises
+    ------
+    ValueError
+        Greyscale values outside 0-65535 (or not finite).
+    """
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return np.asarray(im.convert("RGB"))
+    a = np.asarray(im).astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < 0 or hi > 65535 or not np.isfinite(a).all():
+        msg = f"{im.mode} pixel values {lo:g}..{hi:g} are outside 0-65535; save the image as 8-bit RGB"
+        raise ValueError(msg)
+    top = 65535.0 if im.mode.startswith("I;16") or hi > 255 else 255.0
+    g = np.round(a * (255.0 / top)).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)

@@ -123,10 +123,18 @@ def save_checkpoint(
 
 def _save_atomic(blob: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    if path.is_dir():
+        msg = f"{path}: is a folder, not a checkpoint file"
+        raise CheckpointError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports an unwritable place as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        msg = f"{path}: cannot write the checkpoint ({str(exc).splitlines()[0]})"
+        raise CheckpointError(msg) from exc
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -138,6 +146,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         Missing file, unsafe or corrupt pickle, or not a wsltool checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        msg = f"{path}: is a folder, not a checkpoint file (a training run's is {path / 'best.pt'})"
+        raise CheckpointError(msg)
     if not path.is_file():
         msg = f"{path}: checkpoint not found"
         raise CheckpointError(msg)
@@ -191,7 +202,8 @@ def load_checkpoint(
     Raises
     ------
     CheckpointError
-        Unsafe/corrupt file, invalid config, weights that do not fit, or a checkpoint for another task.
+        Unsafe/corrupt file (including weights whose bytes no longer match the saved fingerprint), invalid
+        config, weights that do not fit, or a checkpoint for another task.
     """
     from wsltool.models import build_model
     from wsltool.models.ensemble import Ensemble
@@ -202,6 +214,10 @@ def load_checkpoint(
     sd = blob.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(sd, dict):
         msg = f"{path}: checkpoint lacks meta or state_dict"
+        raise CheckpointError(msg)
+    stored = meta.get("fingerprint")
+    if isinstance(stored, str) and stored != weights_fingerprint(sd):  # zip members carry no checksum torch reads
+        msg = f"{path}: corrupt (its weights do not match the fingerprint saved with them)"
         raise CheckpointError(msg)
     members = meta.get("ensemble")
     if members is not None and (not isinstance(members, list) or not members):
@@ -286,12 +302,16 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path], *, overwrite:
     if any(s.resolve() == path.resolve() for s in srcs):
         msg = f"{path}: the ensemble would overwrite one of its members"
         raise CheckpointError(msg)
+    if path.is_dir():
+        msg = f"{path}: is a folder, not a checkpoint file"
+        raise CheckpointError(msg)
     if path.exists() and not overwrite:
         msg = f"{path}: already exists; pass --overwrite to replace it, or choose another file"
         raise CheckpointError(msg)
     sd: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
     first: dict[str, Any] = {}
+    seen: dict[str, Path] = {}
     for i, src in enumerate(srcs):
         model, meta = load_checkpoint(src)  # validates the file and its weights
         if "ensemble" in meta:
@@ -305,6 +325,11 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path], *, overwrite:
         elif meta.get("mpp") != first.get("mpp"):
             msg = f"{src}: trained at {meta.get('mpp')} um/px, {srcs[0]} at {first.get('mpp')} um/px"
             raise CheckpointError(msg)
+        fp = weights_fingerprint(model.state_dict())
+        if fp in seen:  # the same model twice would only weigh it double
+            msg = f"{src}: holds the same weights as {seen[fp]}; an ensemble needs different models"
+            raise CheckpointError(msg)
+        seen[fp] = src
         sd.update({f"members.{i}.{k}": v.detach().cpu() for k, v in model.state_dict().items()})
         entries.append(
             {

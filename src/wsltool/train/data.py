@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from wsltool.errors import DataError
+from wsltool.slide.image_backend import pil_to_rgb8
 from wsltool.train.labels import LabeledItem
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = pil_to_rgb8(im)
     except (OSError, ValueError) as exc:
         msg = f"{path}: cannot read image ({type(exc).__name__}: {exc})"
         raise DataError(msg) from exc

@@ -126,6 +126,7 @@ def read_labels(
     base = path.parent
     items: list[LabeledItem] = []
     seen: dict[Path, int] = {}
+    first_label: dict[str, tuple[str, int]] = {}  # casefolded label -> (its first spelling, line)
     known = None if class_names is None else [str(c) for c in class_names]
     for n, r in enumerate(rows[1:], start=2):
         cells = [c.strip() for c in r] + [""] * (len(header) - len(r))
@@ -139,7 +140,8 @@ def read_labels(
         p = _resolve(base, name, suffixes)
         bad = False
         if not p.exists():
-            problems.append(f"line {n}: file not found: {name}")
+            where = "" if Path(name).is_absolute() else f" (looked for {p}: paths are relative to the CSV's folder)"
+            problems.append(f"line {n}: file not found: {name}{where}")
             bad = True
         if not label:
             problems.append(f"line {n}: missing label for {name}")
@@ -147,6 +149,12 @@ def read_labels(
         elif known is not None and label not in known:
             problems.append(f"line {n}: unknown label {label!r} for {name} (known: {', '.join(known)})")
             bad = True
+        elif label.casefold() in first_label and first_label[label.casefold()][0] != label:
+            other, m = first_label[label.casefold()]
+            problems.append(f"line {n}: label {label!r} differs from {other!r} (line {m}) only in case")
+            bad = True
+        else:
+            first_label.setdefault(label.casefold(), (label, n))
         key = p.resolve()
         if key in seen:
             problems.append(f"line {n}: duplicate of line {seen[key]}: {name}")

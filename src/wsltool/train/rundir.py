@@ -31,6 +31,20 @@ def existing_run(out_dir: str | Path) -> list[str]:
     return [n for n in RUN_MARKERS if (out / n).exists()]
 
 
+def check_out_folder(out_dir: str | Path) -> None:
+    """Refuse an output folder path that exists as something else (a file), before any work is done.
+
+    Raises
+    ------
+    ConfigError
+        ``out_dir`` exists and is not a folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        msg = f"{out}: exists and is not a folder"
+        raise ConfigError(msg)
+
+
 def check_new_run(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse to start a new run over an earlier one; nothing is written or removed.
 
@@ -46,8 +60,9 @@ def check_new_run(out_dir: str | Path, *, resume: bool = False, overwrite: bool 
     Raises
     ------
     ConfigError
-        ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        ``out_dir`` is a file, or holds a run and neither ``resume`` nor ``overwrite`` is set.
     """
+    check_out_folder(out_dir)
     found = existing_run(out_dir)
     if found and not resume and not overwrite:
         msg = (

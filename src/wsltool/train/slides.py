@@ -165,11 +165,12 @@ class RegionReader:
         from PIL import Image
 
         from wsltool.slide import open_slide
+        from wsltool.slide.image_backend import pil_to_rgb8
 
         r = self.mil.region
         if src.kind == "image":
             with Image.open(src.item.path) as im:
-                arr = np.asarray(im.convert("RGB").resize((r, r), Image.Resampling.LANCZOS))
+                arr = np.asarray(Image.fromarray(pil_to_rgb8(im)).resize((r, r), Image.Resampling.LANCZOS))
             t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
             return t[None].repeat(len(idx), 1, 1, 1)
         s = self._open.get(src.item.path)

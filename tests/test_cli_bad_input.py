@@ -1,0 +1,193 @@
+"""Bad input and bad output places for ``train`` / ``eval`` / ``ensemble``: one line, non-zero, nothing lost.
+
+Each case is one an independent sweep of the CLI found giving a traceback, a silent success or a wrong message.
+"""
+
+from __future__ import annotations
+
+import csv as csvmod
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsltool.cli import main
+from wsltool.errors import LabelsError
+from wsltool.train.checkpoint import load_checkpoint, read_checkpoint
+from wsltool.train.data import read_image
+from wsltool.train.labels import read_labels
+
+TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
+TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress", "--epochs", "1"]
+
+
+def _images(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 56, 3), np.uint8)).save(root / f"im{i}.png")
+        m = np.zeros((48, 56), np.uint8)
+        m[10:30, 12:40] = 255
+        Image.fromarray(m).save(root / f"im{i}_anno.png")
+        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]},{'train' if i < 4 else 'valid'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A labels CSV and two tiny trained runs (min-max, WILDCAT)."""
+    root = tmp_path_factory.mktemp("bad")
+    csv = _images(root)
+    assert main(["train", "--labels", str(csv), "--out", str(root / "run"), *TINY_ARGS]) == 0
+    assert main(["train", "--labels", str(csv), "--out", str(root / "wild"), "--method", "wildcat", *TINY_ARGS]) == 0
+    return csv, root / "run" / "best.pt", root / "wild" / "best.pt"
+
+
+def test_output_places_the_system_refuses_give_one_line(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv, run, wild = trained
+    capsys.readouterr()
+    f = tmp_path / "f.txt"
+    f.write_text("keep")
+    for out, words in ((f, "exists and is not a folder"), (f / "run", "Not a directory")):
+        assert main(["train", "--labels", str(csv), "--out", str(out), *TINY_ARGS]) != 0
+        assert str(f) in (err := _err(capsys)) and words in err
+    assert main(["eval", "--labels", str(csv), "--model", str(run), "--out", str(f), "--no-progress"]) != 0
+    assert "exists and is not a folder" in _err(capsys)
+    assert main(["ensemble", str(run), str(wild), "-o", "/proc/wsltool-x.pt"]) != 0
+    assert "/proc/wsltool-x.pt: cannot write the checkpoint" in _err(capsys)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    assert main(["ensemble", str(run), str(wild), "-o", str(folder), "--overwrite"]) != 0
+    assert f"{folder}: is a folder" in _err(capsys)
+    assert f.read_text() == "keep" and not list(tmp_path.glob("*.tmp")) and not list(Path("/proc").glob("wsltool*"))
+    assert main(["eval", "--labels", str(csv), "--model", str(run.parent)]) != 0
+    assert f"{run.parent}: is a folder, not a checkpoint file" in _err(capsys)
+
+
+def test_a_bad_device_is_named_as_such(trained: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    csv, run, _ = trained
+    capsys.readouterr()
+    assert main(["train", "--labels", str(csv), "--out", str(run.parent / "x"), *TINY_ARGS, "--device", "bogus"]) != 0
+    assert "device 'bogus' is not a device" in _err(capsys)
+    assert not (run.parent / "x").exists()
+    assert main(["eval", "--labels", str(csv), "--model", str(run), "--device", "bogus"]) != 0
+    err = _err(capsys)
+    assert "device 'bogus' is not a device" in err and "best.pt" not in err  # the checkpoint is not blamed
+    if not torch.cuda.is_available():
+        assert main(["eval", "--labels", str(csv), "--model", str(run), "--device", "cuda"]) != 0
+        assert "CUDA is not available" in _err(capsys)
+
+
+def test_weights_changed_after_saving_are_refused(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch reads a zip member without checking it, so flipped weight bytes loaded silently (rc 0, F1+ 0)."""
+    csv, run, wild = trained
+    blob = torch.load(run, weights_only=True)
+    name = next(k for k, v in blob["state_dict"].items() if v.is_floating_point() and v.numel() > 100)
+    blob["state_dict"][name].view(-1)[:50] = float("nan")  # as if the bytes were damaged on disk
+    bad = tmp_path / "bad.pt"
+    torch.save(blob, bad)
+    capsys.readouterr()
+    assert main(["eval", "--labels", str(csv), "--model", str(bad), "--no-progress"]) != 0
+    assert f"{bad}: corrupt (its weights do not match the fingerprint" in _err(capsys)
+    assert main(["ensemble", str(wild), str(bad), "-o", str(tmp_path / "e.pt")]) != 0
+    assert "do not match the fingerprint" in _err(capsys) and not (tmp_path / "e.pt").exists()
+    load_checkpoint(run)  # the intact file still loads
+
+
+def test_an_ensemble_of_the_same_weights_twice_is_refused(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run, _ = trained
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(run.read_bytes())
+    capsys.readouterr()
+    for other in (run, copy):
+        assert main(["ensemble", str(run), str(other), "-o", str(tmp_path / "e.pt")]) != 0
+        assert f"{other}: holds the same weights as {run}" in _err(capsys)
+    assert not (tmp_path / "e.pt").exists()
+
+
+def test_unknown_or_misplaced_settings_are_refused_before_anything_is_written(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv, _, _ = trained
+    out = tmp_path / "r"
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nepochs = 1\n[bogus]\nx = 1\n")
+    capsys.readouterr()
+    for extra, words in (
+        (["--set", "epoch=5"], "--set epoch: unknown setting"),  # a typo of epochs was silently dropped
+        (["--set", "top_k=4"], "top_k: multiple-instance (slide) setting(s), but"),
+        (["--config", str(toml)], f"{toml}: unknown section(s) bogus"),
+    ):
+        assert main(["train", "--labels", str(csv), "--out", str(out), *TINY_ARGS, *extra]) != 0
+        assert words in _err(capsys)
+        assert not out.exists()
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """``convert("RGB")`` clipped 16-bit greyscale at 255: 99.7 % of a random image came out white."""
+    a = (np.arange(64 * 80).reshape(64, 80) * 13 % 65536).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    img = read_image(tmp_path / "g16.png")
+    assert img.shape == (64, 80, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[..., 0], np.round(a / 257).astype(np.uint8))
+    np.testing.assert_array_equal(img[..., 0], img[..., 2])
+    from wsltool.slide import open_slide
+
+    s = open_slide(tmp_path / "g16.png", mpp=1.0)  # the image backend reads it the same way
+    np.testing.assert_array_equal(s.read_region(0, 0, 80, 64), img)
+
+
+def test_labels_differing_only_in_case_and_relative_paths_are_explained(tmp_path: Path) -> None:
+    csv = _images(tmp_path)
+    rows = list(csvmod.reader(csv.open()))
+    rows[1][1] = "Benign"  # line 2; line 4 has "benign"
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    bad = sub / "bad.csv"
+    bad.write_text("\n".join(",".join(r) for r in rows).replace("im5.png", "img/im5.png") + "\n")
+    with pytest.raises(LabelsError) as ei:
+        read_labels(bad)
+    msg = str(ei.value)
+    assert "line 4: label 'benign' differs from 'Benign' (line 2) only in case" in msg
+    assert f"line 7: file not found: img/im5.png (looked for {sub / 'img' / 'im5.png'}" in msg
+
+
+def test_eval_out_holds_one_evaluation_replaced_as_a_set(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv, run, wild = trained
+    ev = tmp_path / "ev"
+    assert main(["eval", "--labels", str(csv), "--model", str(run), "--out", str(ev), "--overlays", "4"]) == 0
+    assert sorted(p.name for p in (ev / "overlays").iterdir()) == [f"im{i}.png" for i in range(4)]
+    first = (ev / "metrics.csv").read_text()
+    assert main(["eval", "--labels", str(csv), "--model", str(wild), "--out", str(ev), "--overlays", "1"]) == 0
+    assert sorted(p.name for p in (ev / "overlays").iterdir()) == ["im0.png"]  # no overlay of the first model left
+    assert (ev / "metrics.csv").read_text() != first
+    # a failed evaluation (a label the checkpoint does not know, on the last row) leaves the set as it was
+    before = {p.name: p.read_bytes() for p in ev.rglob("*") if p.is_file()}
+    odd = tmp_path / "odd.csv"
+    odd.write_text(csv.read_text().replace("im5.png,malignant", "im5.png,normal").replace("im", str(csv.parent / "im")))
+    capsys.readouterr()
+    assert main(["eval", "--labels", str(odd), "--model", str(wild), "--out", str(ev), "--overlays", "3"]) != 0
+    assert "normal" in _err(capsys)
+    assert {p.name: p.read_bytes() for p in ev.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in ev.iterdir()) == ["metrics.csv", "overlays", "summary.csv"]
+    assert main(["eval", "--labels", str(csv), "--model", str(run), "--overlays", "2"]) != 0
+    assert "--overlays needs --out" in _err(capsys)
+    assert read_checkpoint(run)["meta"]["class_names"] == ["benign", "malignant"]
