@@ -249,9 +249,8 @@ def test_weights_of_another_architecture_give_one_line_and_no_output(
     assert not (tmp_path / "o").exists()
 
 
-def test_glas_release_layout_trains_into_a_new_folder_and_writes_nothing_beside_the_data(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _glas_release(tmp_path: Path) -> Path:
+    """A tiny copy of the official GlaS release layout: BMP images and masks, Grade.csv, a test image."""
     rel = tmp_path / "Warwick QU Dataset (Released 2016_07_08)"
     rel.mkdir()
     rng = np.random.default_rng(1)
@@ -262,6 +261,13 @@ def test_glas_release_layout_trains_into_a_new_folder_and_writes_nothing_beside_
         Image.fromarray((rng.random((40, 48)) > 0.5).astype(np.uint8)).save(rel / f"{n}_anno.bmp")
     rows = "".join(f"{n},{i}, {g} ,{g}\n" for i, (n, g) in enumerate(names.items()))
     (rel / "Grade.csv").write_text("name,Patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)\n" + rows)
+    return rel
+
+
+def test_glas_release_layout_trains_into_a_new_folder_and_writes_nothing_beside_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rel = _glas_release(tmp_path)
     listing = sorted(p.name for p in rel.iterdir())
     out = tmp_path / "new" / "sub"
     assert main(["train", "--labels", str(rel), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
@@ -271,3 +277,36 @@ def test_glas_release_layout_trains_into_a_new_folder_and_writes_nothing_beside_
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and summary["n_masks"] == 2
     assert sorted(p.name for p in rel.iterdir()) == listing  # nothing written into the data set
+
+
+def test_the_glas_example_script_trains_evaluates_tables_and_refuses_a_second_run(tmp_path: Path) -> None:
+    """``examples/glas/run_glas.py`` (the script the README's GlaS table comes from), end to end on a tiny
+    release-layout copy: result.json with the valid metrics, overlays, ``--table``, one-line refusals."""
+    import subprocess
+    import sys
+
+    rel = _glas_release(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "examples" / "glas" / "run_glas.py"
+    tiny = ["--set", "backbone=tiny", "--set", "pretrained=none", "--set", "output_stride=8", "--set", "epochs=1"]
+    tiny += ["--set", "crop=32", "--set", "batch_size=2", "--set", "seed=4"]
+    base = [sys.executable, str(script), "--data", str(rel), "--out", str(tmp_path / "runs"), "--overlays", "1"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300, check=False)
+
+    done = run("--run", "wildcat", "--name", "W_seed4", *tiny)
+    assert done.returncode == 0, done.stderr
+    res = json.loads((tmp_path / "runs" / "W_seed4" / "result.json").read_text())
+    assert res["run"] == "W_seed4" and res["n"] == 2 and res["n_masks"] == 2  # the two valid images
+    assert res["model"]["method"] == "wildcat" and res["train"]["seed"] == 4 and res["train"]["epochs"] == 1
+    assert 0 <= res["pxap"] <= 100 and 0 <= res["f1_pos"] <= 100
+    assert len(list((tmp_path / "runs" / "W_seed4" / "eval_valid" / "overlays").glob("*.png"))) == 1
+    table = subprocess.run(
+        [sys.executable, str(script), "--table", str(tmp_path / "runs")], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"| W_seed4 | best (epoch 1) | {res['error']:.1f} | {res['f1_pos']:.1f} |" in table
+    again = run("--run", "wildcat", "--name", "W_seed4", *tiny)
+    assert again.returncode == 2 and "already holds a training run" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+    bad = run("--name", "x", *tiny, "--set", "epoch=3")
+    assert bad.returncode == 2 and "--set epoch: unknown setting" in bad.stderr

@@ -2,9 +2,13 @@
 
 Usage (CPU, about 10-20 min per run on 2 cores):
 
-    python examples/glas/run_glas.py --data ../shared/data/glas --out /tmp/glas --run default
-    python examples/glas/run_glas.py --run paper2019|wildcat|cam|default [--set key=value ...] [--epochs N]
-    python examples/glas/run_glas.py --table /tmp/glas        # collect every run's results into a table
+    python examples/glas/run_glas.py --data ../shared/data/glas --out /tmp/glas2 --run default
+    python examples/glas/run_glas.py --run paper2019|wildcat|cam|default --name NAME [--set key=value ...]
+    python examples/glas/run_glas.py --table /tmp/glas2       # collect every run's results into a table
+
+Runs go to ``--out/--name`` (default ``/tmp/glas2/<preset>``); ``--set`` takes any ModelConfig/TrainConfig
+field (``--set epochs=40 --set seed=3``).  A folder that already holds a run is refused unless ``--resume``
+or ``--overwrite``, as in ``wsltool train``.
 
 `--data` takes the PNG copy (labels.csv) or the official release (BMP + Grade.csv).  Never run on test images.
 """
@@ -32,13 +36,15 @@ PRESETS: dict[str, dict[str, object]] = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glas"))
-    ap.add_argument("--out", default="/tmp/glas")
+    ap.add_argument("--out", default="/tmp/glas2")
     ap.add_argument("--run", default="default", help=f"preset: {', '.join(PRESETS)}")
     ap.add_argument("--name", default=None, help="run folder name (default: the preset)")
     ap.add_argument("--set", action="append", default=[], help="ModelConfig/TrainConfig override key=value")
     ap.add_argument("--overlays", type=int, default=6)
     ap.add_argument("--table", default=None, help="print the table of the runs under this folder and exit")
-    ap.add_argument("--resume", action="store_true")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out/--name")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out/--name")
     ap.add_argument(
         "--threads",
         type=int,
@@ -49,10 +55,21 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.table:
         return table(Path(args.table))
+    from wsltool.errors import WslError
 
+    try:
+        return run(args)
+    except WslError as exc:  # one line, as the wsltool CLI prints it
+        print(f"run_glas.py: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train one preset on GlaS train, select on valid, evaluate on valid and write result.json."""
     import torch
 
     from wsltool.config import ModelConfig, TrainConfig, from_dict
+    from wsltool.errors import ConfigError
     from wsltool.evaluate import evaluate, format_summary
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import GLAS_CLASSES, glas_items
@@ -62,8 +79,12 @@ def main() -> int:
     mfields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg: dict[str, object] = dict(PRESETS[args.run])
     tcfg: dict[str, object] = {"num_threads": args.threads}
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
     for kv in args.set:
         k, _, v = kv.partition("=")
+        if k not in mfields | tfields:
+            msg = f"--set {k}: unknown setting (not a field of ModelConfig or TrainConfig)"
+            raise ConfigError(msg)
         (mcfg if k in mfields else tcfg)[k] = parse_value(v)
     model_cfg = from_dict(ModelConfig, mcfg)
     train_cfg = from_dict(TrainConfig, tcfg)
@@ -73,7 +94,17 @@ def main() -> int:
     train = [it for it in items if it.split == "train"]
     valid = [it for it in items if it.split == "valid"]
     t0 = time.perf_counter()
-    res = fit(train, valid, GLAS_CLASSES, model_cfg, train_cfg, out, resume=args.resume, progress=False)
+    res = fit(
+        train,
+        valid,
+        GLAS_CLASSES,
+        model_cfg,
+        train_cfg,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=False,
+    )
     train_s = time.perf_counter() - t0
     model, meta = load_checkpoint(res.best, class_names=GLAS_CLASSES)
     _, summary = evaluate(model, valid, GLAS_CLASSES, out_dir=out / "eval_valid", overlays=args.overlays)
