@@ -15,25 +15,13 @@ from PIL import Image
 
 from wsltool.cli import main
 from wsltool.errors import LabelsError
+from wsltool.testing.images import write_tiny_image_set
 from wsltool.train.checkpoint import load_checkpoint, read_checkpoint
 from wsltool.train.data import read_image
 from wsltool.train.labels import read_labels
 
 TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
 TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress", "--epochs", "1"]
-
-
-def _images(root: Path, n: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split"]
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (48, 56, 3), np.uint8)).save(root / f"im{i}.png")
-        m = np.zeros((48, 56), np.uint8)
-        m[10:30, 12:40] = 255
-        Image.fromarray(m).save(root / f"im{i}_anno.png")
-        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]},{'train' if i < 4 else 'valid'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -46,7 +34,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A labels CSV and two tiny trained runs (min-max, WILDCAT)."""
     root = tmp_path_factory.mktemp("bad")
-    csv = _images(root)
+    csv = write_tiny_image_set(root)
     assert main(["train", "--labels", str(csv), "--out", str(root / "run"), *TINY_ARGS]) == 0
     assert main(["train", "--labels", str(csv), "--out", str(root / "wild"), "--method", "wildcat", *TINY_ARGS]) == 0
     return csv, root / "run" / "best.pt", root / "wild" / "best.pt"
@@ -154,7 +142,7 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
 
 
 def test_labels_differing_only_in_case_and_relative_paths_are_explained(tmp_path: Path) -> None:
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     rows = list(csvmod.reader(csv.open()))
     rows[1][1] = "Benign"  # line 2; line 4 has "benign"
     sub = tmp_path / "sub"

@@ -10,27 +10,14 @@ import pytest
 from PIL import Image
 
 from wsltool.cli import main
+from wsltool.testing.images import write_tiny_image_set
 
 TINY_ARGS = ["--backbone", "tiny", "--pretrained", "none", "--crop", "32", "--batch-size", "2"]
 TINY_ARGS += ["--set", "output_stride=8", "--set", "num_threads=1", "--no-progress"]
 
 
-def _images(root: Path, n: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split"]
-    for i in range(n):
-        img = rng.integers(0, 255, (48, 56, 3), np.uint8)
-        Image.fromarray(img).save(root / f"im{i}.png")
-        m = np.zeros((48, 56), np.uint8)
-        m[10:30, 12:40] = 255
-        Image.fromarray(m).save(root / f"im{i}_anno.png")
-        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]},{'train' if i < 4 else 'valid'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     out = tmp_path / "run"
     rc = main(
         [
@@ -117,7 +104,7 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_bad_csv_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _images(tmp_path)
+    write_tiny_image_set(tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\nim0.png,benign\nnope.png,malignant\nim0.png,benign\n")
     rc = main(["train", "--labels", str(bad), "--out", str(tmp_path / "o"), "--backbone", "tiny"])
@@ -129,7 +116,7 @@ def test_bad_csv_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_eval_refuses_unsafe_or_wrong_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x80\x04junk")
     assert main(["eval", "--labels", str(csv), "--model", str(junk)]) == 2
@@ -144,7 +131,7 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
     from wsltool.models import Ensemble
     from wsltool.train.checkpoint import load_checkpoint
 
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     out = tmp_path / "ens"
     common = [*TINY_ARGS, "--epochs", "1"]
     assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "3,7", *common]) == 0
@@ -186,7 +173,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 def test_a_run_already_in_out_is_refused_unless_resumed_or_overwritten(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     out = tmp_path / "run"
     assert main(["train", "--labels", str(csv), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
     before = {n: (out / n).read_bytes() for n in ("best.pt", "last.pt", "history.jsonl")}
@@ -217,7 +204,7 @@ def test_a_run_already_in_out_is_refused_unless_resumed_or_overwritten(
 def test_unknown_split_and_non_image_rows_are_named_with_the_csv(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     lines = csv.read_text().splitlines()
     val = tmp_path / "val.csv"
     val.write_text("\n".join([*lines[:5], lines[5].replace(",valid", ",val"), lines[6]]) + "\n")
@@ -239,7 +226,7 @@ def test_weights_of_another_architecture_give_one_line_and_no_output(
     import torch
     import torchvision
 
-    csv = _images(tmp_path)
+    csv = write_tiny_image_set(tmp_path)
     r18 = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
     args = ["--backbone", "resnet50", "--pretrained", str(r18), "--epochs", "1", "--no-progress"]
