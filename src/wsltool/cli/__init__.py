@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsltool {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # an output (or input) path the system refuses: one line naming it, not a traceback
+        log.debug("%s", exc, exc_info=True)  # the traceback, with -vv
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"wsltool {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
