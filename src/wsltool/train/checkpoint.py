@@ -325,7 +325,7 @@ def save_ensemble(path: str | Path, sources: Sequence[str | Path], *, overwrite:
         elif meta.get("mpp") != first.get("mpp"):
             msg = f"{src}: trained at {meta.get('mpp')} um/px, {srcs[0]} at {first.get('mpp')} um/px"
             raise CheckpointError(msg)
-        fp = weights_fingerprint(model.state_dict())
+        fp = meta.get("fingerprint") or weights_fingerprint(model.state_dict())  # verified by load_checkpoint
         if fp in seen:  # the same model twice would only weigh it double
             msg = f"{src}: holds the same weights as {seen[fp]}; an ensemble needs different models"
             raise CheckpointError(msg)
