@@ -247,3 +247,23 @@ def test_fine_tuning_from_an_image_checkpoint_skips_the_warm_up(tmp_path: Path, 
     )
     _, meta = load_checkpoint(res.best, class_names=["benign", "malignant"])
     assert meta["config"]["minmax_start"] == 0 and len(res.history) == 2
+
+
+def test_slide_training_passes_the_sigma_schedule_to_the_losses() -> None:
+    """The slide loop calls the losses through ``LossModule`` (DDP-ready): its sigma must reach the mask."""
+    from wsltool.models import build_model
+    from wsltool.train.distributed import LossModule
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY_MODEL, head_dropout=0.0, minmax_start=0, num_classes=2)).eval()
+    xn = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([0, 1])
+    via = LossModule(model)
+    with torch.no_grad():
+        for sigma in (0.15, 0.6):
+            got = via(xn, y, 0, 5.0, sigma)
+            want = model.training_losses(xn, y, epoch=0, barrier_t=5.0, sigma=sigma)
+            assert float(got["area"]) == float(want["area"])
+        assert float(via(xn, y, 0, 5.0, 0.15)["area"]) > float(
+            via(xn, y, 0, 5.0, 0.6)["area"]
+        )  # lower sigma, larger mask
