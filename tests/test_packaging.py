@@ -44,6 +44,7 @@ CORE = [
     "wsltool",
     "wsltool.errors",
     "wsltool.config",
+    "wsltool.device",
     "wsltool.slide",
     "wsltool.slide.base",
     "wsltool.slide.openslide_backend",

@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table."""
     import torch
 
+    from wsltool.device import resolve_device
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.evaluate import evaluate, format_summary
-    from wsltool.infer.run import resolve_device
     from wsltool.models.ensemble import with_tta
     from wsltool.train.checkpoint import load_checkpoint
     from wsltool.train.glas import glas_items

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     import tomllib
 
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict, parse_value
+    from wsltool.device import resolve_device
     from wsltool.errors import ConfigError, LabelsError
-    from wsltool.infer.run import resolve_device
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import check_train_splits, class_names_of, read_labels
     from wsltool.train.loop import fit

@@ -23,6 +23,7 @@ import numpy as np
 
 from wsltool import __version__
 from wsltool.config import InferConfig, TilingConfig, half_region_overlap, to_dict
+from wsltool.device import resolve_device
 from wsltool.errors import CheckpointError, ConfigError, WslError
 
 log = logging.getLogger(__name__)
@@ -121,36 +122,6 @@ def memory_format(device: Any) -> Any:
 
     name = MEMORY_FORMAT.get(torch.device(device).type, "channels_last")
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
-
-
-def resolve_device(name: str) -> Any:
-    """``"auto"`` -> CUDA when available else CPU; validates explicit requests.
-
-    Raises
-    ------
-    ConfigError
-        ``name`` is not a device torch knows, or names a CUDA device this machine does not have.
-    """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        msg = f"device {name!r} is not a device (auto, cpu, cuda, cuda:N): {str(exc).splitlines()[0]}"
-        raise ConfigError(msg) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            msg = f"device {name!r} requested but CUDA is not available on this machine"
-            raise ConfigError(msg)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            msg = f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
-            raise ConfigError(msg)
-    elif dev.type not in ("cpu", "mps"):
-        msg = f"device {name!r}: wsltool runs on cpu, cuda or mps"
-        raise ConfigError(msg)
-    return dev
 
 
 def _load_model(model: Any, device: Any) -> tuple[Any, dict[str, Any]]:
