@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import check_train_splits, class_names_of, read_labels
-    from wsltool.train.loop import fit
     from wsltool.train.rundir import check_new_run
 
     mil_data: dict[str, Any] = {}
@@ -148,13 +148,37 @@ def run(args: argparse.Namespace) -> int:
         msg = f"{ens}: already exists; pass --resume to rebuild it from these seeds, --overwrite, or another --out"
         raise ConfigError(msg)
     has_split = any(it.split is not None for it in items)
-    if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
-        from wsltool.train.slides import stratified_split, write_labels_csv
+    with contextlib.ExitStack() as written:  # a run that fails before its first checkpoint takes splits.csv back
+        if not has_split and len(items) >= 4:  # same rule as for slides: a seeded stratified split, written out
+            from wsltool.train.rundir import provisional_file
+            from wsltool.train.slides import stratified_split, write_labels_csv
 
-        items = stratified_split(items, 0.25, seed=int(tdata.get("seed", 0)))
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_labels_csv(Path(args.out) / "splits.csv", items)
-        has_split = True
+            items = stratified_split(items, 0.25, seed=int(tdata.get("seed", 0)))
+            split_csv = written.enter_context(
+                provisional_file(Path(args.out) / "splits.csv", until=[o / "last.pt" for o in out_dirs])
+            )
+            split_csv.parent.mkdir(parents=True, exist_ok=True)
+            write_labels_csv(split_csv, items)
+            has_split = True
+        _fit_images(args, items, has_split, src, classes, model_cfg, train_cfg, seeds, out_dirs)
+    return 0
+
+
+def _fit_images(
+    args: argparse.Namespace,
+    items: list[Any],
+    has_split: bool,
+    src: Path,
+    classes: list[str],
+    model_cfg: Any,
+    train_cfg: Any,
+    seeds: list[int],
+    out_dirs: list[Path],
+) -> None:
+    """Image-level training of one model per seed (one when ``seeds`` is empty), then their ensemble."""
+    from wsltool.errors import LabelsError
+    from wsltool.train.loop import fit
+
     train = [it for it in items if not has_split or it.split == "train"]
     valid = [it for it in items if has_split and it.split == "valid"]
     if not train:
@@ -186,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
     if seeds:
         from wsltool.train.checkpoint import save_ensemble
 
+        ens = Path(args.out) / "ensemble.pt"
         save_ensemble(ens, [r.best for r in results], overwrite=True)  # checked above, before training
         print(f"ensemble: {ens} (the best.pt of {len(results)} seeds, heatmaps averaged)")
-    return 0
 
 
 def _parse_seeds(text: str | None) -> list[int]:

@@ -12,6 +12,9 @@ free folder (``wsltool-retrain``, ``wsltool-retrain-2``, ...), so a pathologist'
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from wsltool.errors import ConfigError
@@ -92,6 +95,60 @@ def start_run_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool 
     return out
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of ``path``, None when absent: a checkpoint written (atomically, by rename) changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextmanager
+def provisional_file(path: str | Path, *, until: Sequence[str | Path]) -> Iterator[Path]:
+    """Let the caller write ``path`` (an input record such as ``splits.csv``) for a run that may fail to start.
+
+    If the block raises (a bad image, Ctrl-C) before any file in ``until`` (the run's checkpoints) has been
+    written, ``path`` is put back as it was (its earlier bytes, or absent), and its folder is removed when this
+    call created it and it is left empty.  So a run that never started leaves no trace that looks like a run,
+    and an earlier run's record is not replaced by the one of a run that never began.  Once a checkpoint
+    exists the file stays: it describes that checkpoint's run (and ``--resume`` continues it).
+
+    Parameters
+    ----------
+    path
+        The file the block writes.
+    until
+        The run's checkpoint files (``last.pt`` of each run folder).
+
+    Yields
+    ------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    created = not path.parent.exists()
+    before = path.read_bytes() if path.is_file() else None
+    marks = [Path(u) for u in until]
+    stamps = [_stamp(m) for m in marks]
+    try:
+        yield path
+    except BaseException:
+        if [_stamp(m) for m in marks] == stamps:  # the run never wrote a checkpoint
+            try:
+                if before is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    tmp = path.with_name(f".{path.name}.restore")
+                    tmp.write_bytes(before)
+                    os.replace(tmp, path)
+                if created:
+                    path.parent.rmdir()
+            except OSError as exc:  # never hide the error that brought us here
+                log.debug("%s: not restored (%s)", path, exc)
+        raise
+
+
 def next_free_dir(base: str | Path) -> Path:
     """``base`` when it holds no run, else the first of ``base-2``, ``base-3``, ... that holds none."""
     base = Path(base)
@@ -102,4 +159,12 @@ def next_free_dir(base: str | Path) -> Path:
     return cand
 
 
-__all__ = ["RUN_FILES", "RUN_MARKERS", "check_new_run", "existing_run", "next_free_dir", "start_run_dir"]
+__all__ = [
+    "RUN_FILES",
+    "RUN_MARKERS",
+    "check_new_run",
+    "existing_run",
+    "next_free_dir",
+    "provisional_file",
+    "start_run_dir",
+]

@@ -12,6 +12,7 @@ them.  Plain images in the CSV are used whole, as one region each.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -47,7 +48,7 @@ from wsltool.train.checkpoint import (
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import _optimizer, barrier_t, improves, lr_factor, set_infer_sigma, sigma_at
-from wsltool.train.rundir import check_new_run, start_run_dir
+from wsltool.train.rundir import check_new_run, provisional_file, start_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -633,21 +634,24 @@ def train_from_items(
     names = list(class_names) if class_names else sorted({it.label for it in items})
     # the file a split problem is reported against: the split we write, else the labels file the items came from
     split_file: Path = next((it.source for it in items if it.source is not None), out / "splits.csv")
-    if any(it.split is None for it in items):
-        items = stratified_split(items, valid_fraction, seed=(train_cfg or TrainConfig()).seed)
-        out.mkdir(parents=True, exist_ok=True)
-        split_file = write_labels_csv(out / "splits.csv", items)
-        log.info("no split column: stratified split written to %s", split_file)
-    tr = [it for it in items if it.split == "train"]
-    va = [it for it in items if it.split == "valid"]
-    problems = []
-    if not tr:
-        problems.append("split 'train' has no item")
-    problems.extend(f"class {c!r} has no training item" for c in names if not any(it.label == c for it in tr))
-    if problems:
-        raise LabelsError(split_file, problems)
-    mcfg = model_cfg or ModelConfig(**{**SLIDE_MODEL_DEFAULTS, "num_classes": len(names)})
-    return fit_slides(tr, va, names, mcfg, train_cfg or TrainConfig(), mil or MilConfig(), out, **kwargs)
+    with contextlib.ExitStack() as written:  # a run that fails before its first checkpoint takes splits.csv back
+        if any(it.split is None for it in items):
+            items = stratified_split(items, valid_fraction, seed=(train_cfg or TrainConfig()).seed)
+            # (a stratified split leaves every class training items: split problems are the labels file's)
+            split_csv = written.enter_context(provisional_file(out / "splits.csv", until=[out / "last.pt"]))
+            out.mkdir(parents=True, exist_ok=True)
+            write_labels_csv(split_csv, items)
+            log.info("no split column: stratified split written to %s", split_csv)
+        tr = [it for it in items if it.split == "train"]
+        va = [it for it in items if it.split == "valid"]
+        problems = []
+        if not tr:
+            problems.append("split 'train' has no item")
+        problems.extend(f"class {c!r} has no training item" for c in names if not any(it.label == c for it in tr))
+        if problems:
+            raise LabelsError(split_file, problems)
+        mcfg = model_cfg or ModelConfig(**{**SLIDE_MODEL_DEFAULTS, "num_classes": len(names)})
+        return fit_slides(tr, va, names, mcfg, train_cfg or TrainConfig(), mil or MilConfig(), out, **kwargs)
 
 
 def train_from_rows(
@@ -662,11 +666,26 @@ def train_from_rows(
     **kwargs: Any,
 ) -> SlideFitResult:
     """Train from ``(path, label)`` pairs (the napari Retrain widget's table); validation split is made here."""
-    from wsltool.config import from_dict
-
     check_new_run(out_dir, resume=bool(kwargs.get("resume")), overwrite=bool(kwargs.get("overwrite")))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = write_labels_csv(out_dir / "slides.csv", [LabeledItem(Path(p), lab) for p, lab in rows])
+    # the table is written as the run's input; a run that fails before its first checkpoint takes it back
+    with provisional_file(out_dir / "slides.csv", until=[out_dir / "last.pt"]) as csv_path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_labels_csv(csv_path, [LabeledItem(Path(p), lab) for p, lab in rows])
+        return _train_from_table(csv_path, out_dir, epochs, init_from, mil, train, model, **kwargs)
+
+
+def _train_from_table(
+    csv_path: Path,
+    out_dir: Path,
+    epochs: int,
+    init_from: str | None,
+    mil: dict[str, Any] | None,
+    train: dict[str, Any] | None,
+    model: dict[str, Any] | None,
+    **kwargs: Any,
+) -> SlideFitResult:
+    """:func:`train_from_rows` once the table is written to ``csv_path``."""
+    from wsltool.config import from_dict
     from wsltool.train.labels import read_labels
 
     items = read_labels(csv_path)
