@@ -16,7 +16,7 @@ def resolve_device(name: str) -> Any:
     Raises
     ------
     ConfigError
-        ``name`` is not a device torch knows, or names a CUDA device this machine does not have.
+        ``name`` is not a device torch knows, or names a CUDA or MPS device this machine does not have.
     """
     import torch
 
@@ -34,7 +34,11 @@ def resolve_device(name: str) -> Any:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             msg = f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
             raise ConfigError(msg)
-    elif dev.type not in ("cpu", "mps"):
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            msg = f"device {name!r} requested but MPS (Apple silicon) is not available on this machine"
+            raise ConfigError(msg)
+    elif dev.type != "cpu":
         msg = f"device {name!r}: wsltool runs on cpu, cuda or mps"
         raise ConfigError(msg)
     return dev
