@@ -75,6 +75,9 @@ def test_a_bad_device_is_named_as_such(trained: tuple[Path, Path, Path], capsys:
     if not torch.cuda.is_available():
         assert main(["eval", "--labels", str(csv), "--model", str(run), "--device", "cuda"]) != 0
         assert "CUDA is not available" in _err(capsys)
+    if not torch.backends.mps.is_available():  # every machine but Apple silicon
+        assert main(["eval", "--labels", str(csv), "--model", str(run), "--device", "mps"]) != 0
+        assert "MPS (Apple silicon) is not available" in _err(capsys)
 
 
 def test_weights_changed_after_saving_are_refused(
@@ -179,3 +182,64 @@ def test_eval_out_holds_one_evaluation_replaced_as_a_set(
     assert main(["eval", "--labels", str(csv), "--model", str(run), "--overlays", "2"]) != 0
     assert "--overlays needs --out" in _err(capsys)
     assert read_checkpoint(run)["meta"]["class_names"] == ["benign", "malignant"]
+
+
+def _without_split(csv: Path) -> Path:
+    """A copy of ``csv`` without its split column (training then makes and writes a split)."""
+    rows = [line.split(",")[:2] for line in csv.read_text().splitlines()]
+    out = csv.with_name("nosplit.csv")
+    out.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_split_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    # "truncated" fails in image training (the header reads), "not_an_image" in the slide/image sort
+    csv = _without_split(write_tiny_image_set(tmp_path))
+    im = tmp_path / "im3.png"
+    im.write_bytes(im.read_bytes()[:200] if damage == "truncated" else b"garbage")
+    new = tmp_path / "new" / "run"
+    assert main(["train", "--labels", str(csv), "--out", str(new), *TINY_ARGS]) != 0
+    assert "im3.png" in _err(capsys)
+    assert not new.exists() and (tmp_path / "new").is_dir()  # only the folder the run would have made goes
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "splits.csv").write_text("an earlier run's split\n")
+    (old / "notes.txt").write_text("keep")
+    assert main(["train", "--labels", str(csv), "--out", str(old), *TINY_ARGS]) != 0
+    _err(capsys)
+    assert (old / "splits.csv").read_text() == "an earlier run's split\n"
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt", "splits.csv"]
+
+
+def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:
+    from wsltool.train.rundir import provisional_file
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), provisional_file(out / "splits.csv", until=[out / "last.pt"]) as f:
+        out.mkdir()
+        f.write_text("split")
+        raise KeyboardInterrupt  # Ctrl-C before the first epoch ends: nothing of the run is left
+    assert not out.exists()
+    with pytest.raises(RuntimeError), provisional_file(out / "splits.csv", until=[out / "last.pt"]) as f:
+        out.mkdir()
+        f.write_text("split")
+        (out / "last.pt").write_bytes(b"epoch 1")
+        raise RuntimeError  # a crash after epoch 1: the split stays with last.pt, for --resume
+    assert (out / "splits.csv").read_text() == "split"
+    with pytest.raises(RuntimeError), provisional_file(out / "splits.csv", until=[out / "last.pt"]) as f:
+        f.write_text("resumed, new split")
+        raise RuntimeError  # a resume that fails before writing a checkpoint puts the run's split back
+    assert (out / "splits.csv").read_text() == "split"
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "splits.csv"]
+
+
+def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
+    from wsltool.train.slides import train_from_rows
+
+    out = tmp_path / "wsltool-retrain"
+    with pytest.raises(LabelsError, match="missing.svs"):
+        train_from_rows([(str(tmp_path / "missing.svs"), "tumor"), (str(tmp_path / "b.svs"), "normal")], out)
+    assert not out.exists()
