@@ -15,7 +15,7 @@ are computed on ``--device`` (default: CUDA when available, as ``glas_ensemble.p
 Usage::
 
     .venv/bin/python tools/experiments/glas_ensemble_paired.py --a '/tmp/glas2/W10_seed*' \\
-        --b '/tmp/glas2/C2_seed*' --b /tmp/glas2/C2_wildcat_blocks --k 2 --tta none
+        --b '/tmp/glas2/C2_seed*' --k 2 --tta none
 
 Measured: docs/glas.md, lessons 19 (seeds 0-21), 21 (the confirmatory test, seeds 22-37) and 22 (120 epochs).
 """

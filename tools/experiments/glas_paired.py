@@ -11,11 +11,10 @@ paired seeds, the 95 % interval of the mean difference lies above zero and the s
 0.05.  Anything less is "above" or "level", as the README words it.
 
 Usage (run folders as ``examples/glas/run_glas.py`` writes them; the seed is read from each
-``result.json``, so irregular names such as ``C2_wildcat_blocks`` pair by seed too)::
+``result.json``, so a folder of any name pairs by its seed; a seed found twice in a family is refused)::
 
     .venv/bin/python tools/experiments/glas_paired.py --a '/tmp/glas2/E40BR_seed*' --b '/tmp/glas2/E40W_seed*'
-    .venv/bin/python tools/experiments/glas_paired.py --a '/tmp/glas2/W10_seed*' \
-        --b '/tmp/glas2/C2_seed*' --b /tmp/glas2/C2_wildcat_blocks
+    .venv/bin/python tools/experiments/glas_paired.py --a '/tmp/glas2/W10_seed*' --b '/tmp/glas2/C2_seed*'
 
 Reads only ``result.json`` files: instant, no model is loaded.
 """
