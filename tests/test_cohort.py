@@ -201,6 +201,14 @@ def test_killed_run_resumes_without_redoing_finished_slides(cohort: dict[str, An
     for path in cohort["good"]:
         assert _table(out)[path.stem]["status"] == "done"
         _assert_same_as_reference(cohort, out, path.stem)  # the interrupted slide resumed correctly
+    # another threshold / top-k re-checks each finished slide and keeps its store and result (README)
+    p = _run(_cli(d / "good.csv", out, cohort["model"], "--workers", "1", "--threshold", "0.6", "--top-k", "9"))
+    assert p.returncode == 0, p.stderr
+    assert f"{N_GOOD} slides: {N_GOOD} done, 0 already finished, 0 failed" in p.stdout  # re-checked, none redone
+    assert p.stderr.count("finished store kept with its threshold 0.5 (asked: 0.6)") == N_GOOD
+    for path in cohort["good"]:
+        assert _table(out)[path.stem]["status"] == "done"
+        _assert_same_as_reference(cohort, out, path.stem)
 
 
 def test_two_runners_at_once_split_the_work(cohort: dict[str, Any], tmp_path: Path) -> None:

@@ -248,6 +248,24 @@ def test_finished_store_is_protected(tmp_path: Path, ramp_slide: Path) -> None:
     np.testing.assert_array_equal(after.mplus(0), before)
 
 
+def test_a_finished_store_is_kept_when_only_threshold_or_top_k_change(
+    tmp_path: Path, ramp_slide: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, out_factor=8, workers=0, chunk=64, top_k=2)  # overlap: half
+    out = tmp_path / "k.zarr"
+    first = infer_slide(ramp_slide, out, (PositionStub(), STUB_META), cfg)
+    mask = HeatmapStore.open(out).label("mask").copy()
+    again = dataclasses.replace(cfg, threshold=0.7, top_k=3)  # no change to the maps
+    with caplog.at_level("WARNING", logger="wsltool.infer.run"):
+        res = infer_slide(ramp_slide, out, (PositionStub(), STUB_META), again)
+    assert res.computed == 0 and res.probs == first.probs
+    st = HeatmapStore.open(out)
+    assert st.threshold == 0.5 and st.result["aggregation"] == "top-2 mean of region class probabilities"
+    np.testing.assert_array_equal(st.label("mask"), mask)
+    msg = caplog.text
+    assert "threshold 0.5 (asked: 0.7)" in msg and "top-2 mean" in msg and "--overwrite" in msg
+
+
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> str:
     rc = cli_main(argv)
     err = capsys.readouterr().err.strip()

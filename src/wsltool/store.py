@@ -67,10 +67,11 @@ LABEL_NAMES = ("mask", "tissue")
 """The NGFF label images of a complete store, in ``labels/``."""
 
 RESUME_IGNORED_KEYS = frozenset(
-    {"timings", "workers", "batch", "batch_size", "device", "progress", "threshold", "top_k"}
+    {"timings", "workers", "batch", "batch_size", "device", "progress", "threshold", "top_k", "aggregation"}
 )
 """Provenance keys (at any depth) that may differ between a run and the run that resumes it (they do
-not change the level-0 maps: speed settings, the device, and what :meth:`HeatmapStore.finalize` redoes)."""
+not change the level-0 maps: speed settings, the device, and what :meth:`HeatmapStore.finalize` redoes:
+the mask's threshold and the slide score's top-k, whose effective k is the ``aggregation`` text)."""
 
 INCOMPLETE = "incomplete"
 COMPLETE = "complete"

@@ -329,6 +329,21 @@ def infer_slide(
         if store.complete:  # resume=True met a finished, matching store: nothing to do
             res = store.result or {}
             log.info("%s: already complete", out_path)
+            kept = [
+                f"{name} {old} (asked: {new})"
+                for name, old, new in (
+                    ("threshold", store.threshold, cfg.threshold),
+                    ("aggregation", res.get("aggregation"), provenance["aggregation"]),
+                )
+                if old is not None and old != new
+            ]
+            if kept:  # the maps match; what finalize derived from them is the earlier run's
+                log.warning(
+                    "%s: finished store kept with its %s; pass --overwrite to redo it "
+                    "(or `wsltool export --threshold` for another mask outline)",
+                    out_path,
+                    "; ".join(kept),
+                )
             return InferResult(
                 store=out_path,
                 class_names=class_names,
