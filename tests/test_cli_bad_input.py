@@ -243,3 +243,20 @@ def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
     with pytest.raises(LabelsError, match="missing.svs"):
         train_from_rows([(str(tmp_path / "missing.svs"), "tumor"), (str(tmp_path / "b.svs"), "normal")], out)
     assert not out.exists()
+
+
+def test_an_image_setting_on_slides_is_refused_not_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsltool.testing import write_svs
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label"]
+    for i, lab in enumerate(["benign", "malignant", "benign", "malignant"]):
+        write_svs(tmp_path / f"s{i}.svs", rng.integers(0, 255, (512, 512, 3), np.uint8), factors=(4,))
+        rows.append(f"s{i}.svs,{lab}")
+    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    for crop in (["--crop", "64"], ["--set", "crop=64"]):
+        assert main(["train", "--labels", str(tmp_path / "slides.csv"), "--out", str(out), *crop]) != 0
+        err = _err(capsys)
+        assert "crop: an image-training setting" in err and "slides.csv lists slides" in err and "region=N" in err
+        assert not out.exists()

@@ -27,9 +27,9 @@ def register(sub: Any) -> None:
         help="labels CSV (path,label[,split]; rows with split 'valid' validate), or a GlaS folder",
     )
     p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, history.jsonl)")
-    p.add_argument("--config", default=None, help="TOML file with [model] and [train] tables")
+    p.add_argument("--config", default=None, help="TOML file with [model], [train] and [mil] tables")
     p.add_argument("--method", choices=["minmax", "wildcat", "cam"], default=None)
-    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default), resnet18/34/50/101")
+    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default), resnet18/34/50/101, tiny (tests)")
     p.add_argument("--pretrained", default=None, help="'imagenet', 'none' or a state_dict file")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -50,7 +50,12 @@ def register(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="any ModelConfig/TrainConfig/MilConfig field (repeatable), e.g. size_prior=none, top_k=4",
     )
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the images (stored)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="images: their microns per pixel (stored in the checkpoint); slides: the training resolution",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -239,8 +244,12 @@ def _best_line(res: Any, key: str, fmt: str) -> str:
     return f"best: {res.best} (epoch {res.best_epoch + 1}{metric})"
 
 
-def _has_slides(items: list[Any]) -> bool:
-    """True when any item is a slide (not a plain image): then training is multiple-instance."""
+def _has_slides(items: list[Any], *, unreadable: bool = True) -> bool:
+    """True when any item is a slide (not a plain image): then training is multiple-instance.
+
+    An item no reader recognises counts as a slide when ``unreadable`` (the slide path reports it with every
+    other problem), and as nothing otherwise.
+    """
     from wsltool.errors import WslError
     from wsltool.slide import choose_backend
 
@@ -249,7 +258,8 @@ def _has_slides(items: list[Any]) -> bool:
             if choose_backend(it.path) != "image":
                 return True
         except WslError:
-            return True  # reported with every other problem by the slide path
+            if unreadable:
+                return True
     return False
 
 
@@ -263,12 +273,20 @@ def _run_slides(
 ) -> int:
     """Slide-level (multiple-instance) training: ``wsltool.train.slides.train_from_items``."""
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict
+    from wsltool.errors import ConfigError
     from wsltool.train.slides import SLIDE_MODEL_DEFAULTS, SLIDE_TRAIN_DEFAULTS, train_from_items
 
     mil = dict(args.mil_data)
     if args.mpp is not None:
         mil["mpp"] = args.mpp
-    tdata.pop("crop", None)
+    if "crop" in tdata:  # as MIL keys on images: a setting the run would not use is refused, not dropped
+        if _has_slides(items, unreadable=False):
+            msg = (
+                f"crop: an image-training setting, but {src} lists slides; slide training reads regions of "
+                "--set region=N px (MilConfig.region)"
+            )
+            raise ConfigError(msg)
+        del tdata["crop"]  # the only 'slides' are unreadable files: their problems are reported next
     model_cfg = from_dict(ModelConfig, {**SLIDE_MODEL_DEFAULTS, **mdata}, source="model config")
     train_cfg = from_dict(TrainConfig, {**SLIDE_TRAIN_DEFAULTS, **tdata}, source="train config")
     mil_cfg = from_dict(MilConfig, mil, source="MIL config")
