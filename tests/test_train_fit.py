@@ -218,6 +218,22 @@ def test_wildcat_run_resumes_whatever_its_saved_warm_up(tmp_path: Path) -> None:
     assert [h["epoch"] for h in res.history] == [0, 1]
 
 
+def test_a_detached_mask_trains_and_records_no_size_prior(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The size prior acts through the mask's gradient: with the mask detached the run says so, trains without
+    it, and its checkpoint records ``size_prior='none'`` rather than a term that never acted."""
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**TINY, method="minmax", detach_mask=True, neg_updates="all", size_prior="range")
+    with caplog.at_level("WARNING", logger="wsltool.config"):
+        res = fit(items[:2], items[2:], CLASSES, mc, TrainConfig(epochs=1, batch_size=2, crop=48), tmp_path / "o")
+    assert "cannot act on a detached mask" in caplog.text
+    assert "size" not in res.history[0] and "neg" in res.history[0]
+    _, meta = load_checkpoint(res.last, class_names=CLASSES)
+    assert meta["config"]["size_prior"] == "none" and meta["config"]["detach_mask"] is True
+    attached = ModelConfig(**TINY, method="minmax", size_prior="range")
+    res2 = fit(items[:2], items[2:], CLASSES, attached, TrainConfig(epochs=1, batch_size=2, crop=48), tmp_path / "a")
+    assert res2.history[0]["size"] >= 0  # the same prior on an attached mask is a logged term
+
+
 def test_resolve_minmax_start_values(caplog: pytest.LogCaptureFixture) -> None:
     """ "half" becomes epochs // 2 at every budget; numbers stay, unless longer than half the run; other methods
     are left alone; an unresolved "half" is refused by the training step rather than compared with an epoch."""

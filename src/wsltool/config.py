@@ -656,6 +656,35 @@ def resolve_minmax_start(model_cfg: ModelConfig, epochs: int) -> ModelConfig:
     return model_cfg
 
 
+def resolve_for_training(model_cfg: ModelConfig, epochs: int) -> ModelConfig:
+    """The model settings a training run of ``epochs`` epochs uses, as its checkpoints record them.
+
+    :func:`resolve_minmax_start`, and: a min-max model with a detached mask trains without a size prior (the
+    prior acts through the mask's gradient, which a detached mask does not pass), so ``size_prior`` becomes
+    ``"none"`` with a warning rather than being recorded as a term that never acted.
+
+    Parameters
+    ----------
+    model_cfg
+        Model settings as given.
+    epochs
+        Epochs of the run (``TrainConfig.epochs``).
+
+    Returns
+    -------
+    ModelConfig
+        The settings the run trains with.
+    """
+    cfg = resolve_minmax_start(model_cfg, epochs)
+    if cfg.method == "minmax" and cfg.detach_mask and cfg.size_prior != "none":
+        log.warning(
+            "detach_mask=True: the size prior %r cannot act on a detached mask; training with size_prior='none'",
+            cfg.size_prior,
+        )
+        cfg = dataclasses.replace(cfg, size_prior="none")
+    return cfg
+
+
 def half_region_overlap(region: int) -> int:
     """The grid overlap of slide training/validation and the default of inference: half the region.
 

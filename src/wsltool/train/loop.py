@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start, to_dict
+from wsltool.config import ModelConfig, TrainConfig, resolve_for_training, to_dict
 from wsltool.errors import ConfigError
 from wsltool.models import build_model
 from wsltool.train.checkpoint import config_differences, model_differences, resume_training, save_checkpoint
@@ -186,7 +186,7 @@ def fit(
     if model_cfg.num_classes != len(class_names):
         msg = f"model has {model_cfg.num_classes} classes, the labels have {len(class_names)}"
         raise ConfigError(msg)
-    model_cfg = resolve_minmax_start(model_cfg, train_cfg.epochs)  # the checkpoint records the epoch used
+    model_cfg = resolve_for_training(model_cfg, train_cfg.epochs)  # as the checkpoints record it
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,7 @@ from wsltool.config import (
     TilingConfig,
     TrainConfig,
     half_region_overlap,
-    resolve_minmax_start,
+    resolve_for_training,
     to_dict,
 )
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, SlideError, WslError
@@ -360,7 +360,7 @@ def fit_slides(
         torch.set_num_threads(train_cfg.num_threads)
     from wsltool.train import distributed
 
-    model_cfg = resolve_minmax_start(model_cfg, train_cfg.epochs)
+    model_cfg = resolve_for_training(model_cfg, train_cfg.epochs)
     out = Path(out_dir)
     check_new_run(out, resume=resume, overwrite=overwrite)
     dist_info, dev = distributed.setup(device)
