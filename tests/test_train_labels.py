@@ -85,8 +85,10 @@ def test_glas_release_layout(tmp_path: Path) -> None:
     for n in names:
         _bmp(rel / f"{n}.bmp")
         _bmp(rel / f"{n}_anno.bmp", mask=True)
-    rows = "".join(f"{n},{i},{g},{g.strip()}\n" for i, (n, g) in enumerate(names.items()))
-    (rel / "Grade.csv").write_text("name,Patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)\n" + rows)
+    # as the release writes it: a space after each comma of the header and CRLF line ends
+    rows = "".join(f"{n},{i},{g},{g.strip()}\r\n" for i, (n, g) in enumerate(names.items()))
+    header = "name, Patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)\r\n"
+    (rel / "Grade.csv").write_bytes((header + rows).encode())
     listing = sorted(p.name for p in rel.iterdir())
     items = glas_items(rel)
     assert sorted(p.name for p in rel.iterdir()) == listing  # read in memory: nothing written beside the data
