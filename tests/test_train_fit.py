@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import wsltool
-from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start
+from wsltool.config import ModelConfig, TrainConfig, resolve_minmax_start, to_dict
 from wsltool.errors import CheckpointError, ConfigError
 from wsltool.evaluate import evaluate
 from wsltool.models import build_model
-from wsltool.train.checkpoint import load_checkpoint, save_checkpoint
+from wsltool.train.checkpoint import load_checkpoint, model_differences, save_checkpoint
 from wsltool.train.data import augment, color_augment, random_crop
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import fit, lr_factor
@@ -235,6 +235,14 @@ def test_a_detached_mask_trains_and_records_no_size_prior(tmp_path: Path, caplog
     assert "size" not in res.history[0] and "neg" in res.history[0]
     _, meta = load_checkpoint(res.last, class_names=CLASSES)
     assert meta["config"]["size_prior"] == "none" and meta["config"]["detach_mask"] is True
+    # a run saved before detached masks recorded 'none' (it said 'range', the default) still resumes
+    old_saved = {**meta["config"], "size_prior": "range"}
+    assert model_differences(old_saved, ModelConfig(**meta["config"])) == []
+    assert model_differences(old_saved, replace(ModelConfig(**meta["config"]), detach_mask=False)) == [
+        "detach_mask: saved True, given False",
+        "size_prior: saved 'range', given 'none'",
+    ]
+    assert to_dict(ModelConfig(**meta["config"]))["size_prior"] == "none"
     attached = ModelConfig(**TINY, method="minmax", size_prior="range")
     res2 = fit(items[:2], items[2:], CLASSES, attached, TrainConfig(epochs=1, batch_size=2, crop=48), tmp_path / "a")
     assert res2.history[0]["size"] >= 0  # the same prior on an attached mask is a logged term

@@ -388,8 +388,14 @@ def model_differences(saved: dict[str, Any], model_cfg: ModelConfig) -> list[str
     """:func:`config_differences` of a checkpoint's model configuration, skipping what the method does not use.
 
     WILDCAT and CAM never use ``minmax_start``: a run started when its default was another number resumes.
+    A min-max model with a detached mask never uses ``size_prior`` (:func:`wsltool.config.resolve_for_training`
+    records ``"none"``; runs saved before that recorded the default and resume too).
     """
-    unused = ("minmax_start",) if model_cfg.method != "minmax" else ()
+    unused: tuple[str, ...] = ()
+    if model_cfg.method != "minmax":
+        unused = ("minmax_start",)
+    elif model_cfg.detach_mask:
+        unused = ("size_prior",)
     return config_differences(saved, to_dict(model_cfg), ignore=unused)
 
 
