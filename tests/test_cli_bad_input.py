@@ -203,7 +203,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_split_behind(
     new = tmp_path / "new" / "run"
     assert main(["train", "--labels", str(csv), "--out", str(new), *TINY_ARGS]) != 0
     assert "im3.png" in _err(capsys)
-    assert not new.exists() and (tmp_path / "new").is_dir()  # only the folder the run would have made goes
+    assert not (tmp_path / "new").exists()  # every folder the run made goes
+    seeds = tmp_path / "seeds"
+    assert main(["train", "--labels", str(csv), "--out", str(seeds), "--seeds", "0,1", *TINY_ARGS]) != 0
+    _err(capsys)
+    assert not seeds.exists()  # the split and seed_0/ go too
     old = tmp_path / "old"
     old.mkdir()
     (old / "splits.csv").write_text("an earlier run's split\n")
@@ -234,6 +238,15 @@ def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:
         raise RuntimeError  # a resume that fails before writing a checkpoint puts the run's split back
     assert (out / "splits.csv").read_text() == "split"
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "splits.csv"]
+    # a record kept behind a link: the link stays, what it points at gets the earlier bytes back
+    target = tmp_path / "kept.csv"
+    target.write_text("earlier")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "splits.csv").symlink_to(target)
+    with pytest.raises(RuntimeError), provisional_file(tmp_path / "linked" / "splits.csv", until=[]) as f:
+        f.write_text("failed run")
+        raise RuntimeError
+    assert (tmp_path / "linked" / "splits.csv").is_symlink() and target.read_text() == "earlier"
 
 
 def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
@@ -260,3 +273,15 @@ def test_an_image_setting_on_slides_is_refused_not_dropped(tmp_path: Path, capsy
         err = _err(capsys)
         assert "crop: an image-training setting" in err and "slides.csv lists slides" in err and "region=N" in err
         assert not out.exists()
+
+
+def test_image_training_under_torchrun_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv = write_tiny_image_set(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: each rank would train alone into the same files
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "run"), *TINY_ARGS]) != 0
+    err = _err(capsys)
+    assert "labels.csv lists images: image training runs in one process" in err and "--seeds" in err
+    assert not (tmp_path / "run").exists()

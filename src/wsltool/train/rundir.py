@@ -11,6 +11,7 @@ free folder (``wsltool-retrain``, ``wsltool-retrain-2``, ...), so a pathologist'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -104,15 +105,26 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 @contextmanager
 def provisional_file(path: str | Path, *, until: Sequence[str | Path]) -> Iterator[Path]:
     """Let the caller write ``path`` (an input record such as ``splits.csv``) for a run that may fail to start.
 
     If the block raises (a bad image, Ctrl-C) before any file in ``until`` (the run's checkpoints) has been
-    written, ``path`` is put back as it was (its earlier bytes, or absent), and its folder is removed when this
-    call created it and it is left empty.  So a run that never started leaves no trace that looks like a run,
-    and an earlier run's record is not replaced by the one of a run that never began.  Once a checkpoint
-    exists the file stays: it describes that checkpoint's run (and ``--resume`` continues it).
+    written or replaced, ``path`` is put back as it was (its earlier bytes, or absent), and the folders that
+    did not exist before the block (``path``'s and the checkpoints') are removed where left empty.  So a run
+    that never started leaves no trace that looks like a run, and an earlier run's record is not replaced by
+    the one of a run that never began.  Once a checkpoint exists the file stays: it describes that
+    checkpoint's run (and ``--resume`` continues it).  (An ``--overwrite`` that removed the earlier run's
+    checkpoints counts as a change: the new record then stays, beside no checkpoint.)
 
     Parameters
     ----------
@@ -127,26 +139,36 @@ def provisional_file(path: str | Path, *, until: Sequence[str | Path]) -> Iterat
         ``path``.
     """
     path = Path(path)
-    created = not path.parent.exists()
-    before = path.read_bytes() if path.is_file() else None
     marks = [Path(u) for u in until]
+    new_dirs = {d for f in (path, *marks) for d in _missing_dirs(f.parent)}
+    before = path.read_bytes() if path.is_file() else None
     stamps = [_stamp(m) for m in marks]
     try:
         yield path
     except BaseException:
         if [_stamp(m) for m in marks] == stamps:  # the run never wrote a checkpoint
-            try:
-                if before is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    tmp = path.with_name(f".{path.name}.restore")
-                    tmp.write_bytes(before)
-                    os.replace(tmp, path)
-                if created:
-                    path.parent.rmdir()
-            except OSError as exc:  # never hide the error that brought us here
-                log.debug("%s: not restored (%s)", path, exc)
+            _take_back(path, before, new_dirs)
         raise
+
+
+def _take_back(path: Path, before: bytes | None, new_dirs: set[Path]) -> None:
+    """Put ``path`` back to ``before`` (None: absent) and remove the empty folders of ``new_dirs``."""
+    tmp = path.with_name(f".{path.name}.restore")
+    try:
+        if before is None:
+            path.unlink(missing_ok=True)
+        elif path.is_symlink():  # restore what the link points at, and keep the link
+            path.write_bytes(before)
+        else:
+            tmp.write_bytes(before)
+            os.replace(tmp, path)
+    except OSError as exc:  # never hide the error that brought us here
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("%s: could not be put back as it was before this run (%s)", path, exc)
+    for d in sorted(new_dirs, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (something else was written there), or already gone
+            d.rmdir()
 
 
 def next_free_dir(base: str | Path) -> Path:
