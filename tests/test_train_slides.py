@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,3 +269,23 @@ def test_slide_training_passes_the_sigma_schedule_to_the_losses() -> None:
         assert float(via(xn, y, 0, 5.0, 0.15)["area"]) > float(
             via(xn, y, 0, 5.0, 0.6)["area"]
         )  # lower sigma, larger mask
+
+
+def test_only_rank_0_writes_the_split(tmp_path: Path, cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank makes the same seeded split; only rank 0 writes (and may take back) splits.csv."""
+    items = [dataclasses.replace(i, split=None) for i in read_labels(cohort / "slides.csv")]
+    kw: dict[str, Any] = {
+        "model_cfg": ModelConfig(**TINY_MODEL),
+        "train_cfg": TrainConfig(epochs=1, batch_size=4, schedule="constant", warmup_epochs=0),
+        "mil": MilConfig(mpp=2.0, region=128, score_cap=6, top_k=2, n_random=1),
+        "progress": False,
+    }
+    monkeypatch.setenv("RANK", "1")  # WORLD_SIZE unset: this process trains alone, as the test needs
+    train_from_items(items, tmp_path / "r1", **kw)
+    assert (tmp_path / "r1" / "last.pt").exists() and not (tmp_path / "r1" / "splits.csv").exists()
+    monkeypatch.delenv("RANK")
+    train_from_items(items, tmp_path / "r0", **kw)
+    written = read_labels(tmp_path / "r0" / "splits.csv")
+    assert sorted((i.path.name, i.split) for i in written) == sorted(
+        (i.path.name, i.split) for i in stratified_split(items, 0.25, seed=0)
+    )

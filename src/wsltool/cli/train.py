@@ -6,8 +6,12 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsltool.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
             )
             raise ConfigError(msg)
         return _run_slides(args, items, classes, mdata, tdata, src)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone and write the same files
+        msg = (
+            f"{src} lists images: image training runs in one process (torchrun trains slide CSVs); "
+            "train several models with --seeds instead"
+        )
+        raise ConfigError(msg)
     if mil_data:  # multiple-instance settings mean nothing to image training: say so rather than drop them
         msg = f"{', '.join(sorted(mil_data))}: multiple-instance (slide) setting(s), but {src} lists images only"
         raise ConfigError(msg)
@@ -175,8 +185,8 @@ def _fit_images(
     has_split: bool,
     src: Path,
     classes: list[str],
-    model_cfg: Any,
-    train_cfg: Any,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
     seeds: list[int],
     out_dirs: list[Path],
 ) -> None:

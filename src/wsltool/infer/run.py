@@ -338,11 +338,12 @@ def infer_slide(
                 if old is not None and old != new
             ]
             if kept:  # the maps match; what finalize derived from them is the earlier run's
+                outline = " (or `wsltool export --threshold` for another outline)" if "threshold" in kept[0] else ""
                 log.warning(
-                    "%s: finished store kept with its %s; pass --overwrite to redo it "
-                    "(or `wsltool export --threshold` for another mask outline)",
+                    "%s: finished store kept with its %s; pass --overwrite to redo it%s",
                     out_path,
                     "; ".join(kept),
+                    outline,
                 )
             return InferResult(
                 store=out_path,

@@ -638,10 +638,11 @@ def train_from_items(
         if any(it.split is None for it in items):
             items = stratified_split(items, valid_fraction, seed=(train_cfg or TrainConfig()).seed)
             # (a stratified split leaves every class training items: split problems are the labels file's)
-            split_csv = written.enter_context(provisional_file(out / "splits.csv", until=[out / "last.pt"]))
-            out.mkdir(parents=True, exist_ok=True)
-            write_labels_csv(split_csv, items)
-            log.info("no split column: stratified split written to %s", split_csv)
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank splits alike; rank 0 writes
+                split_csv = written.enter_context(provisional_file(out / "splits.csv", until=[out / "last.pt"]))
+                out.mkdir(parents=True, exist_ok=True)
+                write_labels_csv(split_csv, items)
+                log.info("no split column: stratified split written to %s", split_csv)
         tr = [it for it in items if it.split == "train"]
         va = [it for it in items if it.split == "valid"]
         problems = []
