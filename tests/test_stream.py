@@ -84,3 +84,18 @@ def test_unreadable_regions_raise_or_skip(tmp_path: Path, content) -> None:
         list(RegionStream.from_grid(p, grid))
     got = [int(m[0]) for _, m in RegionStream.from_grid(p, grid, on_error="skip")]
     assert len(got) == len(grid) - 8  # the bottom row of 256-px tiles is gone
+    # read in reader processes, the error reaches the caller as raised there: one line naming the slide
+    for workers in (0, 2):
+        with pytest.raises(SlideReadError) as ei:
+            list(make_loader(RegionStream.from_grid(p, grid), batch_size=4, num_workers=workers))
+        msg = str(ei.value)
+        assert msg.startswith(f"{p}: cannot read") and "\n" not in msg and "Traceback" not in msg
+
+
+def test_wsltool_errors_survive_pickling() -> None:
+    """Errors cross process boundaries (reader processes, Dask workers) as raised: type, path and message."""
+    from wsltool.errors import LabelsError, MppError
+
+    for err in (SlideReadError("a.svs", "cannot read tile 3"), MppError(None, "no mpp"), LabelsError("l.csv", ["x"])):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and back.path == err.path

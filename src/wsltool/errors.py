@@ -8,6 +8,7 @@ names the file (when there is one) and the problem; the CLI prints ``str(error)`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class WslError(Exception):
@@ -23,6 +24,10 @@ class SlideError(WslError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable as raised (reader processes hand errors to the main process)
+        return (type(self), (self.path, self.problem))
 
 
 class SlideNotFoundError(SlideError, FileNotFoundError):
@@ -54,6 +59,9 @@ class LabelsError(WslError, ValueError):
         shown = "; ".join(problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         super().__init__(f"{path}: {len(problems)} problem(s): {shown}{more}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problems))
 
 
 class CheckpointError(WslError, ValueError):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from wsltool.errors import SlideReadError
+from wsltool.errors import SlideReadError, WslError
 from wsltool.slide import Slide, open_slide
 
 #: Tile cache per reader handle: a few regions' worth of decoded tiles (each region is read once; overlaps
@@ -114,9 +114,20 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         return self._handle().read_region(float(x), float(y), self.region, self.region, mpp=self.mpp)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.batch_size:
-            yield from self._batches(self.batch_size)
-            return
+        try:
+            if self.batch_size:
+                yield from self._batches(self.batch_size)
+            else:
+                yield from self._regions()
+        except WslError as exc:
+            if get_worker_info() is None:
+                raise
+            # a reader process hands the error on as an item: the DataLoader would turn it into a RuntimeError
+            # carrying the worker's traceback; RegionLoader raises it as it was raised here
+            yield _ReaderFailure(exc), torch.empty(0, dtype=torch.int64)  # type: ignore[misc]
+
+    def _regions(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Single regions (no ``batch_size``): worker ``w`` takes regions ``w, w + n, ...``."""
         info = get_worker_info()
         mine = self.indices if info is None else self.indices[info.id :: info.num_workers]
         for i in mine:
@@ -167,6 +178,28 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         return state
 
 
+class _ReaderFailure:
+    """An error raised in a reader process, carried to the main process as a stream item."""
+
+    def __init__(self, error: WslError) -> None:
+        self.error = error
+
+
+class RegionLoader(DataLoader[tuple[torch.Tensor, torch.Tensor]]):
+    """A DataLoader over a :class:`RegionStream` that re-raises a reader process's wsltool error as it was.
+
+    Without it, a corrupt tile read in a worker surfaces as a ``RuntimeError`` holding the worker's traceback
+    (torch rebuilds worker exceptions from their message alone), instead of the one-line ``SlideReadError``
+    that names the slide and the tile.
+    """
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        for x, meta in super().__iter__():
+            if isinstance(x, _ReaderFailure):
+                raise x.error
+            yield x, meta
+
+
 def make_loader(
     stream: RegionStream,
     *,
@@ -175,8 +208,8 @@ def make_loader(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     prefetch_factor: int = 2,
-) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
-    """A DataLoader over a :class:`RegionStream` with bounded prefetching.
+) -> RegionLoader:
+    """A :class:`RegionLoader` over a :class:`RegionStream` with bounded prefetching.
 
     Parameters
     ----------
@@ -197,4 +230,4 @@ def make_loader(
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
     stream.batch_size = batch_size  # batches are assembled in the workers (see the module docstring)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    return RegionLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
