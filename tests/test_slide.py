@@ -286,6 +286,22 @@ def test_truncated_svs(tmp_path: Path, real_svs: Path) -> None:
     assert "corrupt or truncated" in _one_line(ei.value, p) or "not a readable TIFF" in str(ei.value)
 
 
+def test_a_file_cut_short_is_refused_at_open_even_when_its_first_tiles_read(
+    tmp_path: Path, content: SyntheticContent, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = write_svs(tmp_path / "full.svs", content.rgb, factors=())  # one level: the probe's tile survives
+    p = tmp_path / "cut.svs"
+    data = full.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    for backend in (None, "tifffile"):  # None: chosen by content
+        with caplog.at_level("WARNING"), pytest.raises(SlideFormatError) as ei:
+            open_slide(p, backend=backend)
+        assert "truncated file:" in _one_line(ei.value, p) and f"({len(data) // 2} bytes)" in str(ei.value)
+        assert not [r for r in caplog.records if r.name == "tifffile"]  # no stray second line from tifffile
+    with open_slide(full, backend="tifffile") as s:  # the whole file opens, and tifffile said nothing
+        assert s.dimensions == (content.rgb.shape[1], content.rgb.shape[0])
+
+
 def test_truncated_synthetic_svs_second_half_missing(tmp_path: Path, content: SyntheticContent) -> None:
     full = write_svs(tmp_path / "full.svs", content.rgb)
     p = tmp_path / "cut.svs"

@@ -63,6 +63,40 @@ def _tag_mpp(page: Any) -> tuple[float, float] | None:
     return per / rx, per / (ry or rx)
 
 
+class _Heard(logging.Filter):
+    """Keeps (and silences) the records of a logger while attached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+def _check_data_in_file(path: Path, levels: list[Any]) -> None:
+    """Refuse a file cut short: some level's pixel data would lie beyond its end.
+
+    A truncated file often keeps its first tiles readable (the open-time probe passes), so the tile table
+    itself is checked: every ``offset + bytecount`` of every level must lie within the file.
+    """
+    size = path.stat().st_size
+    for i, lv in enumerate(levels):
+        for page in lv.pages:
+            if page is None:
+                continue
+            offs = np.asarray(page.dataoffsets, dtype=np.int64)
+            ends = offs + np.asarray(page.databytecounts, dtype=np.int64)
+            if ends.size and int(ends.max()) > size:
+                cut = int((ends > size).sum())
+                msg = (
+                    f"truncated file: {cut} of {ends.size} tiles/strips of level {i} lie beyond its end "
+                    f"({size} bytes)"
+                )
+                raise SlideFormatError(path, msg)
+
+
 class TiffSlide(Slide):
     """A TIFF slide read with tifffile; every pyramid level (pages or SubIFDs) is a zarr array."""
 
@@ -72,12 +106,23 @@ class TiffSlide(Slide):
         import tifffile
         import zarr
 
+        heard = _Heard()  # what tifffile logs while parsing (a broken page chain) becomes part of our verdict
+        tiff_log = logging.getLogger("tifffile")
+        tiff_log.addFilter(heard)
         try:
             self._tf = tifffile.TiffFile(str(path))
             series = self._tf.series[0]
             levels = list(series.levels)
+            _check_data_in_file(path, levels)
+        except SlideFormatError:
+            self._tf.close()
+            raise
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error...
             raise SlideFormatError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        finally:
+            tiff_log.removeFilter(heard)
+        for msg in heard.messages:  # the pixel data is whole: tifffile's complaint stays a warning of ours
+            log.warning("%s: %s", path, msg)
         axes = series.axes
         self._axes = axes
         self._arrays: list[Any] = []
