@@ -41,7 +41,12 @@ def register(sub: Any) -> None:
     add_tta_argument(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace a finished store")
-    g.add_argument("--no-resume", action="store_true", help="refuse to continue an incomplete store")
+    g.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start an interrupted (incomplete) store over instead of continuing it; a finished one is still "
+        "kept unless --overwrite",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
