@@ -266,6 +266,31 @@ def test_a_finished_store_is_kept_when_only_threshold_or_top_k_change(
     assert "threshold 0.5 (asked: 0.7)" in msg and "top-2 mean" in msg and "--overwrite" in msg
 
 
+def test_export_refuses_bad_targets_and_another_slide_and_keeps_what_was_there(
+    tmp_path: Path, ramp_slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = InferConfig(mpp=1.0, region=256, out_factor=8, workers=0, chunk=32)
+    store = infer_slide(ramp_slide, tmp_path / "r.zarr", (PositionStub(), STUB_META), cfg).store
+    slide_copy = tmp_path / "copy.svs"
+    slide_copy.write_bytes(ramp_slide.read_bytes())
+    (tmp_path / "folder.png").mkdir()
+    other = write_svs(tmp_path / "other.svs", ramp_image()[:512, :640], mpp=SLIDE_MPP, factors=())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, needle in (
+        (["--png", str(slide_copy)], "copy.svs: a png export must end in .png"),  # never replaces a slide
+        (["--geojson", str(store)], "r.zarr: a geojson export must end in .geojson or .json"),
+        (["--png", str(tmp_path / "folder.png")], "folder.png: is a folder, not a file"),
+        (["--png", str(tmp_path / "no" / "x.png")], "no/x.png: No such file or directory"),  # the target, no temp
+        (["--geojson", str(tmp_path / "g.geojson"), "--threshold", "1.5"], "threshold must be in (0, 1)"),
+        (["--png", str(tmp_path / "p.png"), "--slide", str(other)], "other.svs: not the slide"),
+    ):
+        _one_line_error(capsys, ["export", str(store), *args], needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary, no partial file left
+    assert slide_copy.read_bytes() == ramp_slide.read_bytes()
+    assert cli_main(["export", str(store), "--png", str(tmp_path / "p.png"), "--slide", str(slide_copy)]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000  # the same slide, moved: fine
+
+
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> str:
     rc = cli_main(argv)
     err = capsys.readouterr().err.strip()
@@ -293,7 +318,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, ramp_slide: Path, capsy
         "input size 128",
     )
     nompp = write_svs(tmp_path / "nompp.svs", ramp_image()[:256, :256], mpp=None, mag=None, factors=())
-    _one_line_error(capsys, ["infer", str(nompp), "-o", str(tmp_path / "d.zarr"), "--model", str(ckpt)], "--mpp")
+    _one_line_error(
+        capsys, ["infer", str(nompp), "-o", str(tmp_path / "d.zarr"), "--model", str(ckpt)], "--slide-mpp (infer)"
+    )
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "d.zarr").exists()
     with pytest.raises(SlideFormatError):
         infer_slide(txt, tmp_path / "e.zarr", str(ckpt))

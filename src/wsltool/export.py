@@ -6,8 +6,12 @@ an output pixel ``i`` covers level-0 pixels ``[i * F, (i + 1) * F)`` with ``F = 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,41 @@ import numpy as np
 from numpy.typing import NDArray
 
 log = logging.getLogger(__name__)
+
+#: File name endings each export accepts: a typo'd or swapped target (a slide, the store) is never replaced.
+SUFFIXES = {"geojson": (".geojson", ".json"), "png": (".png",)}
+
+
+def _check_target(out: Path, kind: str) -> None:
+    """Refuse an export target before any work: a wrong ending (:data:`SUFFIXES`) or a folder."""
+    from wsltool.errors import ConfigError
+
+    if out.suffix.lower() not in SUFFIXES[kind]:
+        msg = f"{out}: a {kind} export must end in {' or '.join(SUFFIXES[kind])}"
+        raise ConfigError(msg)
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(out))
+
+
+def _save(out: Path, kind: str, write: Callable[[Path], object]) -> None:
+    """Write ``out`` through a hidden temporary beside it, renamed into place; a failure leaves neither.
+
+    Raises
+    ------
+    ConfigError
+        ``out`` does not end as a ``kind`` file should (:data:`SUFFIXES`).
+    OSError
+        ``out`` is a folder or cannot be written; the error names ``out``, not the temporary.
+    """
+    _check_target(out, kind)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
 
 
 def mask_polygons(mask: NDArray[np.bool_], min_pixels: int = 4) -> list[list[NDArray[np.float64]]]:
@@ -71,8 +110,12 @@ def store_geojson(store_path: str | Path, *, threshold: float | None = None, cla
         The GeoJSON mapping; each feature has ``classification``, ``score`` (mean M+ inside) and
         ``area_um2`` properties.
     """
+    from wsltool.errors import ConfigError
     from wsltool.store import HeatmapStore
 
+    if threshold is not None and not 0 < threshold < 1:  # as InferConfig.threshold: M+ lies in [0, 1]
+        msg = f"threshold must be in (0, 1), got {threshold}"
+        raise ConfigError(msg)
     st = HeatmapStore.open(store_path)
     mplus = st.mplus(0).astype(np.float32)
     mask = st.mask(0).astype(bool) if threshold is None else (mplus >= threshold) & (st.tissue(0) > 0)
@@ -115,12 +158,11 @@ def store_geojson(store_path: str | Path, *, threshold: float | None = None, cla
 
 
 def write_geojson(store_path: str | Path, out: str | Path, **kwargs: Any) -> int:
-    """Write :func:`store_geojson` to ``out``; returns the number of features."""
-    gj = store_geojson(store_path, **kwargs)
+    """Write :func:`store_geojson` to ``out`` (``.geojson`` or ``.json``); returns the number of features."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(gj))
-    tmp.replace(out)
+    _check_target(out, "geojson")
+    gj = store_geojson(store_path, **kwargs)
+    _save(out, "geojson", lambda p: p.write_text(json.dumps(gj)))
     return len(gj["features"])
 
 
@@ -143,6 +185,8 @@ def preview_png(
     from wsltool.slide import open_slide
     from wsltool.store import HeatmapStore
 
+    out = Path(out)
+    _check_target(out, "png")
     st = HeatmapStore.open(store_path)
     src = Path(slide_path) if slide_path else Path(st.provenance["slide"]["path"])
     mplus = st.mplus(0).astype(np.float32)
@@ -152,6 +196,7 @@ def preview_png(
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     prov_slide = st.provenance.get("slide", {})
     with open_slide(src, mpp=prov_slide.get("mpp") if prov_slide.get("mpp_source") == "override" else None) as s:
+        _check_same_slide(s, prov_slide, store_path)
         # the heatmap grid spans ceil(slide / out px): read the same physical extent at the preview's mpp
         thumb = s.read_region(0, 0, tw, th, mpp=w * st.out_mpp / tw)
     base = Image.fromarray(thumb)
@@ -164,8 +209,21 @@ def preview_png(
     for rings in mask_polygons(st.mask(0).astype(bool)):
         pts = [(float(x) * k, float(y) * k) for x, y in rings[0]]
         draw.line([*pts, pts[0]], fill=(0, 255, 120), width=2)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(out)
+    _save(out, "png", lambda p: img.save(p, format="PNG"))
     return img.size
+
+
+def _check_same_slide(slide: Any, recorded: dict[str, Any], store_path: str | Path) -> None:
+    """Refuse a slide whose size differs from the one the store was made from; warn when only its bytes do."""
+    from wsltool.errors import DataError
+
+    dims = recorded.get("dimensions")
+    if dims and list(slide.dimensions) != list(dims):
+        msg = (
+            f"{slide.path}: not the slide {store_path} was made from ({slide.dimensions[0]}x{slide.dimensions[1]} "
+            f"px, the store's slide {dims[0]}x{dims[1]})"
+        )
+        raise DataError(msg)
+    fp = recorded.get("fingerprint")
+    if fp and slide.fingerprint() != fp:
+        log.warning("%s: same size as the store's slide but other content (a converted copy?)", slide.path)

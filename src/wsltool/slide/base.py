@@ -205,7 +205,10 @@ class Slide(ABC):
             hint = ""
             if self.objective_power:
                 hint = f" (objective {self.objective_power:g}x suggests about {10.0 / self.objective_power:g})"
-            msg = f"no usable microns-per-pixel in the file ({why}); give it explicitly with mpp=... / --mpp{hint}"
+            msg = (
+                f"no usable microns-per-pixel in the file ({why}); give it explicitly{hint}: --slide-mpp (infer), "
+                "--mpp (info), an mpp column (cohort or labels CSV), mpp= (Python)"
+            )
             raise MppError(self.path, msg)
         return v
 

@@ -91,8 +91,7 @@ def _check_data_in_file(path: Path, levels: list[Any]) -> None:
             if ends.size and int(ends.max()) > size:
                 cut = int((ends > size).sum())
                 msg = (
-                    f"truncated file: {cut} of {ends.size} tiles/strips of level {i} lie beyond its end "
-                    f"({size} bytes)"
+                    f"truncated file: {cut} of {ends.size} tiles/strips of level {i} lie beyond its end ({size} bytes)"
                 )
                 raise SlideFormatError(path, msg)
 
