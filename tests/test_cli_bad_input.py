@@ -285,3 +285,20 @@ def test_image_training_under_torchrun_is_refused(
     err = _err(capsys)
     assert "labels.csv lists images: image training runs in one process" in err and "--seeds" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_checkpoint_is_named_unreadable_not_corrupt(
+    trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    csv, run, _ = trained
+    locked = tmp_path / "locked.pt"
+    locked.write_bytes(run.read_bytes())
+    locked.chmod(0)
+    # as root the mode does not stop a read: then a file the kernel refuses to read (I/O error) stands in
+    target = locked if not os.access(locked, os.R_OK) else Path("/proc/self/mem")
+    capsys.readouterr()
+    assert main(["eval", "--labels", str(csv), "--model", str(target)]) != 0
+    err = _err(capsys)
+    assert f"{target}: cannot read the checkpoint" in err and "corrupt" not in err

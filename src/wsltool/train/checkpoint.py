@@ -143,7 +143,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises
     ------
     CheckpointError
-        Missing file, unsafe or corrupt pickle, or not a wsltool checkpoint.
+        Missing or unreadable file, unsafe or corrupt pickle, or not a wsltool checkpoint.
     """
     path = Path(path)
     if path.is_dir():
@@ -152,6 +152,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         msg = f"{path}: checkpoint not found"
         raise CheckpointError(msg)
+    try:  # an unreadable file is named as such, not as corrupt (is_zipfile says False on any OSError)
+        with path.open("rb") as fh:
+            fh.read(4)
+    except OSError as exc:
+        msg = f"{path}: cannot read the checkpoint ({exc.strerror or exc})"
+        raise CheckpointError(msg) from exc
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a bare pickle is never unpickled
         msg = f"{path}: corrupt or not a checkpoint (not a torch zip archive; plain pickle files are never loaded)"
         raise CheckpointError(msg)
