@@ -302,3 +302,20 @@ def test_an_unreadable_checkpoint_is_named_unreadable_not_corrupt(
     assert main(["eval", "--labels", str(csv), "--model", str(target)]) != 0
     err = _err(capsys)
     assert f"{target}: cannot read the checkpoint" in err and "corrupt" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["infer", "s.svs", "-o", "o.zarr", "--model", "m.pt", "--tta", "bogus"], "argument --tta: invalid choice"),
+        (["infer", "s.svs", "-o", "o.zarr", "--model", "m.pt", "--mpp", "abc"], "argument --mpp: invalid float"),
+        (["train", "--labels", "l.csv", "--out", "o", "--resume", "--overwrite"], "not allowed with argument"),
+        (["export"], "the following arguments are required: store"),
+    ],
+)
+def test_usage_errors_are_one_line_too(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2
+    err = _err(capsys)
+    assert err.startswith(f"wsltool {argv[0]}: error: ") and needle in err and f"(see wsltool {argv[0]} --help)" in err

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from wsltool import __version__
 from wsltool.errors import WslError
@@ -28,9 +29,17 @@ def setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, as every other wsltool error is."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with ``PROG: error: MESSAGE (see PROG --help)``: the usage block stays one --help away."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsltool",
         description="Weakly supervised pixel-level localization of malignancy in whole-slide images.",
     )
