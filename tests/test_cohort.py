@@ -148,7 +148,7 @@ def test_cohort_with_corrupt_slides_matches_single_slide_runs(cohort: dict[str, 
         assert float(row["seconds"]) > 0 and Path(row["store"]) == out / f"{sid}.zarr"
     # the slides differ (the table cannot have mixed them up)
     assert len({table[p.stem]["regions"] for p in cohort["good"]}) >= 2
-    for sid, problem in (("bad", "not a slide"), ("cut", "cannot decode pixels")):
+    for sid, problem in (("bad", "not a slide"), ("cut", "truncated file")):
         row = table[sid]
         assert row["status"] == "failed" and row["attempts"] == "1", row  # WslError: no retry
         assert problem in row["error"] and "\n" not in row["error"]
@@ -339,3 +339,37 @@ def test_store_killed_while_being_created_starts_over(cohort: dict[str, Any], tm
     got, ref = HeatmapStore.open(out), cohort["refs"][path.stem][0]
     np.testing.assert_array_equal(got.mplus(), ref.mplus())
     assert got.result == ref.result
+
+
+FLAKY_PRELOAD = '''
+"""Dask worker preload: every slide fails with a transient (non-WslError) error."""
+import wsltool.infer.run as r
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("simulated transient failure")
+
+
+r.infer_slide = _boom
+'''
+
+
+def test_retries_reach_the_dask_tasks(tmp_path: Path) -> None:
+    """Regression: ``Client.submit`` took ``retries=`` for itself, so every slide ran with run_slide's default."""
+    from wsltool.testing.models import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "model.pt", input_size=128)
+    (tmp_path / "a.svs").write_text("never read: the workers' inference is replaced by a failing one\n")
+    (tmp_path / "c.csv").write_text("path\na.svs\n")
+    (tmp_path / "flaky.py").write_text(FLAKY_PRELOAD)
+    out, retries = tmp_path / "out", 3
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(tmp_path / "flaky.py")])}
+    cmd = _cli(tmp_path / "c.csv", out, model, "--workers", "1", "--retries", str(retries), "--retry-wait", "0")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert p.returncode == 1, p.stderr
+    assert "1 slides: 0 done, 0 already finished, 1 failed" in p.stdout
+    res = json.loads((out / "a.result.json").read_text())
+    assert res["status"] == "failed" and res["attempts"] == retries + 1
+    assert res["error"] == "RuntimeError: simulated transient failure"
+    assert [e["event"] for e in read_events(out)] == ["start", "retry", "retry", "retry", "error", "failed"]
+    assert "a: failed: RuntimeError: simulated transient failure" in p.stderr  # named on stderr, not only in the CSV

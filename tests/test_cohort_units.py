@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,3 +230,188 @@ def test_summarize_script(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert subprocess.run([sys.executable, str(script), str(empty)], capture_output=True).returncode == 2
+
+
+# -- audit fixes: ids, line numbers, up-front checks, finished results never lost --------------------
+
+
+@pytest.mark.parametrize("sid", ["../evil", "sub/x", "a\\b", ".hidden", "x..y"])
+def test_read_cohort_rejects_ids_that_leave_outdir(tmp_path: Path, sid: str) -> None:
+    _touch(tmp_path / "a.svs")
+    _touch(tmp_path / "b.svs")
+    (tmp_path / "c.csv").write_text(f"path,id\nb.svs,fine\na.svs,{sid}\n")
+    with pytest.raises(LabelsError) as ei:
+        read_cohort(tmp_path / "c.csv")
+    assert ei.value.problems == [
+        f"line 3: slide id {sid!r} must not contain '/', '\\' or '..' nor start with '.' (it names files in OUTDIR)"
+    ]
+
+
+def test_read_cohort_rejects_an_empty_default_id(tmp_path: Path) -> None:
+    _touch(tmp_path / ".svs")  # the default id is the name up to the first dot: ''
+    (tmp_path / "c.csv").write_text("path\n.svs\n")
+    with pytest.raises(LabelsError) as ei:
+        read_cohort(tmp_path / "c.csv")
+    assert ei.value.problems == ["line 2: slide id '' is empty"]
+
+
+def test_read_cohort_header_only_lists_no_slides(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("path\n")
+    with pytest.raises(LabelsError) as ei:
+        read_cohort(tmp_path / "c.csv")
+    assert ei.value.problems == ["lists no slides (a header and no rows)"]
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(LabelsError, match="empty file: needs a 'path'"):
+        read_cohort(tmp_path / "e.csv")
+
+
+def test_read_cohort_line_numbers_count_blank_lines(tmp_path: Path) -> None:
+    _touch(tmp_path / "a.svs")
+    (tmp_path / "c.csv").write_text("path\n\n,\na.svs\n\n\na.svs\n")
+    with pytest.raises(LabelsError) as ei:
+        read_cohort(tmp_path / "c.csv")
+    assert ei.value.problems == ["line 3: empty path", "line 7: duplicate slide id 'a' (first on line 4)"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two small real slides, two real checkpoints (other weights), a cohort CSV and CPU settings."""
+    from wsltool.config import InferConfig
+    from wsltool.testing import he_tissue, write_svs
+    from wsltool.testing.models import make_checkpoint
+
+    d = tmp_path_factory.mktemp("small")
+    for i, sid in enumerate("ab"):
+        c = he_tissue(512, 768, seed=20 + i, lesion_fraction=0.25 * i)
+        write_svs(d / f"{sid}.svs", c.rgb, mpp=0.5)
+    (d / "c.csv").write_text("path\na.svs\nb.svs\n")
+    m = make_checkpoint(d / "m.pt")
+    m2 = make_checkpoint(d / "m2.pt", seed=1)
+    data = m.read_bytes()
+    (d / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (d / "text.pt").write_text("not a checkpoint\n")
+    (d / "folder.pt").mkdir()
+    cfg = InferConfig(mpp=1.0, overlap=0, out_factor=8, workers=0, device="cpu")
+    return {"dir": d, "csv": d / "c.csv", "m": m, "m2": m2, "cfg": cfg}
+
+
+def _read(p: Path) -> Any:
+    return json.loads(p.read_text())
+
+
+def test_a_failed_rerun_keeps_finished_results(
+    small_run: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import csv
+
+    from wsltool.cohort import read_events, run_cohort, run_slide
+    from wsltool.config import to_dict
+
+    out, cfg = tmp_path / "out", small_run["cfg"]
+    s = run_cohort(small_run["csv"], out, small_run["m"], cfg, shard_spec="0/1")
+    assert (s.done, s.failed) == (2, 0)
+    before = {sid: _read(out / f"{sid}.result.json") for sid in "ab"}
+    table = (out / "results.csv").read_text()
+    assert all(r["status"] == "done" and r["probs"] for r in before.values())
+
+    # another checkpoint: every slide fails in this run (its store is in the way), nothing finished is lost
+    s = run_cohort(small_run["csv"], out, small_run["m2"], cfg, shard_spec="0/1")
+    assert (s.done, s.skipped, s.failed) == (0, 0, 2)
+    assert {sid: _read(out / f"{sid}.result.json") for sid in "ab"} == before
+    assert (out / "results.csv").read_text() == table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"] and all("malignant=" in r["probs"] for r in rows)
+    failed = [e for e in read_events(out) if e["event"] == "failed"]
+    assert sorted(e["slide"] for e in failed) == ["a", "b"] and all(e["kept_result"] for e in failed)
+    for e in failed:  # the hint names what a cohort user can do: cohort infer has no --overwrite
+        assert "--overwrite" not in e["error"] and "other settings" in e["error"]
+        assert f"delete {e['slide']}.zarr and {e['slide']}.result.json from OUTDIR" in e["error"]
+        assert "or use another OUTDIR" in e["error"]
+    kept = [r.getMessage() for r in caplog.records if "earlier run is kept" in r.getMessage()]
+    assert len(kept) == 2 and all("delete" in m for m in kept)
+
+    # a corrupt checkpoint reaching a slide (run_slide called directly): failed in this run, result kept
+    a = CohortSlide("a", small_run["dir"] / "a.svs")
+    row = run_slide(a, out, str(small_run["dir"] / "trunc.pt"), to_dict(cfg), retry_wait=0)
+    assert row["status"] == "failed" and row["kept_result"] and "trunc.pt: corrupt" in row["error"]
+    assert _read(out / "a.result.json") == before["a"]
+
+    # ... but a done record whose store is gone no longer holds: the failure replaces it
+    import shutil
+
+    shutil.rmtree(out / "a.zarr")
+    row = run_slide(a, out, str(small_run["dir"] / "trunc.pt"), to_dict(cfg), retry_wait=0)
+    assert row["kept_result"] is False
+    assert _read(out / "a.result.json")["status"] == "failed"
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "words"),
+    [
+        ("trunc.pt", [], "trunc.pt: corrupt or not a checkpoint"),
+        ("text.pt", [], "text.pt: corrupt or not a checkpoint"),
+        ("folder.pt", [], "folder.pt: is a folder, not a checkpoint file"),
+        ("missing.pt", [], "missing.pt: checkpoint not found"),
+        ("m.pt", ["--overlap", "500"], "--overlap 500 must be smaller than the region 128 (the checkpoint's"),
+        ("m.pt", ["--region", "1000"], "m.pt: --region 1000 px is far from the checkpoint's input size 128 px"),
+        ("m.pt", ["--out-factor", "3"], "--out-factor 3 must divide the region 128 (the"),
+        ("m.pt", ["--out-factor", "16", "--overlap", "8"], "try --overlap 16 or --out-factor 8"),
+        ("m.pt", ["--retries", "-1"], "--retries must be >= 0, got -1"),
+        ("m.pt", ["--retry-wait", "-5"], "--retry-wait must be >= 0 seconds, got -5.0"),
+        ("m.pt", ["--retry-wait", "nan"], "--retry-wait must be >= 0 seconds, got nan"),
+        ("m.pt", ["--torch-threads", "-1"], "--torch-threads must be >= 1, got -1"),
+        ("m.pt", ["--torch-threads", "0"], "--torch-threads must be >= 1, got 0"),
+        ("m.pt", ["--stale-after", "-1"], "--stale-after must be > 0 seconds, got -1.0"),
+        ("m.pt", ["--stale-after", "0"], "--stale-after must be > 0 seconds, got 0.0"),
+        ("m.pt", ["--workers", "-1"], "--workers must be >= 1, got -1"),
+        ("m.pt", ["--workers", "0"], "--workers must be >= 1, got 0"),
+        ("m.pt", ["--shard", "2/2"], "--shard 2/2: need 0 <= i < N"),
+        ("m.pt", ["--readers", "-1"], "--readers must be >= 0, got -1"),
+    ],
+)
+def test_bad_checkpoint_settings_and_options_refused_before_anything(
+    small_run: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: str,
+    extra: list[str],
+    words: str,
+) -> None:
+    from wsltool.cli import main
+
+    out = tmp_path / "out"
+    shard = [] if "--shard" in extra else ["--shard", "0/1"]  # no Dask: every option is checked all the same
+    args = ["cohort", "infer", str(small_run["csv"]), "-o", str(out), "--model", str(small_run["dir"] / model)]
+    capsys.readouterr()
+    assert main([*args, "--quiet", "--mpp", "1", "--readers", "0", "--device", "cpu", *shard, *extra]) == 2
+    err = _err(capsys)
+    assert err.startswith("wsltool cohort: error: ") and words in err, err
+    assert not out.exists()  # nothing created, not even an empty OUTDIR
+
+
+def test_bad_scheduler_and_outdir_give_one_line(
+    small_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsltool.cli import main
+
+    base = ["cohort", "infer", str(small_run["csv"]), "--model", str(small_run["m"]), "--quiet"]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for addr, words in (("notanaddress", "missing port number"), ("foo://x:1", "unknown address scheme")):
+        assert main([*base, "-o", str(out), "--scheduler", addr]) == 2
+        err = _err(capsys)
+        assert f"--scheduler {addr!r} is not a Dask scheduler address" in err and words in err, err
+        assert not out.exists()
+    f = tmp_path / "f.txt"
+    f.write_text("keep")
+    assert main([*base, "-o", str(f), "--shard", "0/1"]) == 2
+    assert f"{f}: exists and is not a folder" in _err(capsys)
+    assert main([*base, "-o", str(f / "sub"), "--shard", "0/1"]) == 2
+    assert f"{f / 'sub'}: cannot create the output folder: {f} is not a folder" in _err(capsys)
+    assert f.read_text() == "keep"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from wsltool.cli import main as cli_main
 from wsltool.config import InferConfig
-from wsltool.errors import CheckpointError, MppError, SlideFormatError, StoreError, StoreExistsError
+from wsltool.errors import CheckpointError, ConfigError, MppError, SlideFormatError, StoreError, StoreExistsError
 from wsltool.export import store_geojson
 from wsltool.infer.run import infer_slide
 from wsltool.store import HeatmapStore
@@ -289,6 +289,29 @@ def test_export_refuses_bad_targets_and_another_slide_and_keeps_what_was_there(
     assert slide_copy.read_bytes() == ramp_slide.read_bytes()
     assert cli_main(["export", str(store), "--png", str(tmp_path / "p.png"), "--slide", str(slide_copy)]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000  # the same slide, moved: fine
+
+
+@pytest.mark.parametrize(
+    ("kw", "hint"),
+    [
+        ({"out_factor": 3}, "try --out-factor 2"),
+        ({"out_factor": 3, "overlap": 15}, "try --out-factor 1"),  # the old hint (--overlap 15) went in circles
+        ({"out_factor": 1000}, "try --out-factor 64"),
+        ({"out_factor": 16, "overlap": 8}, "try --overlap 16 or --out-factor 8"),
+    ],
+)
+def test_an_out_factor_that_does_not_fit_suggests_values_that_do(kw: dict[str, int], hint: str) -> None:
+    from wsltool.infer.run import region_geometry
+
+    meta = {"input_size": 128}
+    with pytest.raises(ConfigError, match="must divide") as ei:
+        region_geometry(InferConfig(**kw), meta)
+    assert str(ei.value).endswith(hint)
+    for suggestion in hint.removeprefix("try ").split(" or "):  # each suggestion, followed, is accepted
+        flag, value = suggestion.split()
+        key = {"--out-factor": "out_factor", "--overlap": "overlap"}[flag]
+        region, overlap, f = region_geometry(InferConfig(**{**kw, key: int(value)}), meta)
+        assert region % f == 0 and (region - overlap) % f == 0
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> str:

@@ -14,16 +14,22 @@ Every slide is safe to re-run and safe to race for:
 
 A failure on one slide (corrupt file, out of memory) is recorded and does not stop the cohort. Bad input
 (``WslError``: unreadable slide, missing mpp) fails at once; other errors are retried up to ``retries``
-times, each retry resuming the half-written store.  A slide that failed is tried again on the next run.
+times, each retry resuming the half-written store.  A slide that failed is tried again on the next run; a
+failure never replaces a finished (``done``) result of an earlier run (:func:`record_failure`).  What would
+fail every slide (the CSV, the checkpoint, a setting it refuses, an option) is refused by :func:`run_cohort`
+before anything is written.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
+import re
 import socket
 import threading
 import time
@@ -66,11 +72,22 @@ class CohortSlide:
     mpp: float | None = None
 
 
+def _bad_id(sid: str) -> str | None:
+    """Why ``sid`` cannot name files in OUTDIR (``<id>.zarr``, ``<id>.result.json``, ``<id>.lock``), or None."""
+    if not sid:
+        return "is empty"
+    if "/" in sid or "\\" in sid or ".." in sid or sid.startswith(".") or "\0" in sid:
+        return "must not contain '/', '\\' or '..' nor start with '.' (it names files in OUTDIR)"
+    return None
+
+
 def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
     """Read ``COHORT.csv``: a ``path`` (or ``slide``) column, optional ``id`` and ``mpp`` columns.
 
     Paths are relative to the CSV's folder and are returned absolute (workers of a remote Dask cluster do
-    not share this process's working directory). Missing files and duplicate ids are reported together.
+    not share this process's working directory). Missing files, duplicate ids and ids that cannot name a
+    file inside OUTDIR (empty, containing a slash, a backslash or ``..``, or starting with ``.``) are reported
+    together, each with its line number in the file (blank lines count).
 
     Raises
     ------
@@ -84,15 +101,19 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
         raise LabelsError(csv_path, ["file not found"]) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(csv_path, [f"cannot read as UTF-8 text ({exc})"]) from exc
-    rows = list(csv.DictReader(text.splitlines()))
-    fields = [f.strip().lower() for f in (rows[0].keys() if rows else []) if f is not None]
+    reader = csv.DictReader(text.splitlines())
+    header = reader.fieldnames
+    if not header:
+        raise LabelsError(csv_path, ["empty file: needs a 'path' (or 'slide') column header"])
+    fields = [f.strip().lower() for f in header if f is not None]
     col = "path" if "path" in fields else ("slide" if "slide" in fields else None)
     if col is None:
         raise LabelsError(csv_path, ["needs a 'path' (or 'slide') column header"])
     problems: list[str] = []
     out: list[CohortSlide] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(rows, start=2):
+    for raw in reader:
+        n = reader.line_num  # the file's line (blank lines, which the reader skips, count)
         row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
         rel = row.get(col, "")
         if not rel:
@@ -102,6 +123,10 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
         if not p.exists():
             problems.append(f"line {n}: {rel}: no such file")
         sid = row.get("id") or Path(rel).name.split(".")[0]
+        why = _bad_id(sid)
+        if why is not None:
+            problems.append(f"line {n}: slide id {sid!r} {why}")
+            continue
         if sid in seen:
             problems.append(f"line {n}: duplicate slide id {sid!r} (first on line {seen[sid]})")
         seen.setdefault(sid, n)
@@ -113,7 +138,7 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
                 problems.append(f"line {n}: mpp {row['mpp']!r} is not a number")
         out.append(CohortSlide(sid, p, mpp))
     if not out and not problems:
-        problems.append("no slides listed")
+        problems.append("lists no slides (a header and no rows)")
     if problems:
         raise LabelsError(csv_path, problems)
     return out
@@ -397,23 +422,83 @@ def run_settings(model: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     return {"config": config, "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns}
 
 
-def _finished(result_path: Path, store: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The recorded result when the slide is done with these settings and its store is complete, else None."""
+def _done_record(result_path: Path, store: Path) -> dict[str, Any] | None:
+    """The recorded result when it says ``done`` and its store is complete (whatever the settings), else None."""
     from wsltool.store import HeatmapStore
 
     if not (result_path.exists() and store.exists()):
         return None
     try:
         prev = json.loads(result_path.read_text())
-        if (
-            prev.get("status") == "done"
-            and prev.get("settings") == json.loads(json.dumps(settings))
-            and HeatmapStore.open(store).complete
-        ):
+        if isinstance(prev, dict) and prev.get("status") == "done" and HeatmapStore.open(store).complete:
             return dict(prev)
     except (OSError, ValueError, WslError):
         pass
     return None
+
+
+def _finished(result_path: Path, store: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded result when the slide is done with these settings and its store is complete, else None."""
+    prev = _done_record(result_path, store)
+    if prev is not None and prev.get("settings") == json.loads(json.dumps(settings)):
+        return prev
+    return None
+
+
+_OVERWRITE_HINT = re.compile(r"[;,]?\s*(?:use|pass) --overwrite\b[^;]*")
+
+
+def cohort_error(error: str, slide_id: str) -> str:
+    """``error`` with ``wsltool infer``'s ``--overwrite`` hint replaced by what a cohort run can do.
+
+    ``cohort infer`` has no ``--overwrite``: a store in the way (made with other settings or another
+    checkpoint) is never replaced; the user deletes it, or writes the run into another OUTDIR.
+    """
+    if "--overwrite" not in error:
+        return error
+    return (
+        f"{_OVERWRITE_HINT.sub('', error)}; cohort infer never replaces it: delete {slide_id}.zarr and "
+        f"{slide_id}.result.json from OUTDIR to recompute this slide, or use another OUTDIR"
+    )
+
+
+def record_failure(outdir: Path, row: dict[str, Any], **event: Any) -> dict[str, Any]:
+    """Record that a slide failed in this run, without erasing a finished result of an earlier run.
+
+    A ``done`` record whose store is still complete (an earlier run with other settings or another checkpoint,
+    or a slide file since damaged) is kept as it is, so ``results.csv`` keeps its scores; this run's failure is
+    then only in the returned row (``kept_result`` true: counted as failed in this run's summary and logged)
+    and in ``events.jsonl``. Otherwise the failed row is written to ``<slide-id>.result.json``.
+
+    Parameters
+    ----------
+    outdir
+        Cohort output folder.
+    row
+        The failed row (``slide_id``, ``status`` ``failed``, ``error``...).
+    **event
+        Extra fields of the ``failed`` event.
+
+    Returns
+    -------
+    dict
+        ``row``, with ``kept_result`` set.
+
+    Raises
+    ------
+    OSError
+        The result file cannot be written.
+    """
+    sid = str(row["slide_id"])
+    result_path = outdir / f"{sid}.result.json"
+    kept = _done_record(result_path, outdir / f"{sid}.zarr") is not None
+    row = {**row, "kept_result": kept}
+    try:
+        if not kept:
+            _write_json(result_path, row)
+    finally:  # the audit log says it failed even when the result file cannot be written
+        log_event(outdir, sid, "failed", error=row.get("error", ""), kept_result=kept, **event)
+    return row
 
 
 def run_slide(
@@ -455,9 +540,18 @@ def run_slide(
     -------
     dict
         The result row (see :data:`RESULT_FIELDS`); ``status`` is ``done``, ``skipped`` (finished
-        earlier), ``locked`` (another runner has it) or ``failed``.
+        earlier), ``locked`` (another runner has it) or ``failed`` (``kept_result`` true when a finished
+        result of an earlier run was kept on disk, see :func:`record_failure`).
+
+    Raises
+    ------
+    ConfigError
+        ``retries``, ``retry_wait``, ``stale_after`` or ``torch_threads`` out of range (see
+        :func:`check_run_options`).
     """
     from wsltool.infer import run as infer_run
+
+    check_run_options(retries=retries, retry_wait=retry_wait, stale_after=stale_after, torch_threads=torch_threads)
 
     outdir = Path(outdir)
     store = outdir / f"{slide.slide_id}.zarr"
@@ -492,7 +586,7 @@ def run_slide(
                     slide.path, store, _cached_model(model), cfg, slide_mpp=slide.mpp, on_band=lock.refresh
                 )
             except WslError as exc:  # bad input: retrying will not help
-                error = str(exc)
+                error = cohort_error(str(exc), slide.slide_id)
                 break
             except Exception as exc:  # transient (memory, I/O, a killed reader process): retry
                 error = f"{type(exc).__name__}: {exc}"
@@ -533,9 +627,7 @@ def run_slide(
             "pid": os.getpid(),
             "finished": time.time(),
         }
-        _write_json(result_path, row)
-        log_event(outdir, slide.slide_id, "failed", attempts=attempts, error=row["error"])
-        return row
+        return record_failure(outdir, row, attempts=attempts)
     finally:
         lock.release()
 
@@ -618,6 +710,117 @@ def default_cluster_size() -> tuple[int, int]:
     return workers, max(1, cores // workers)
 
 
+def check_run_options(
+    *,
+    retries: int = 1,
+    retry_wait: float = 2.0,
+    stale_after: float = 3600.0,
+    n_workers: int | None = None,
+    torch_threads: int | None = None,
+) -> None:
+    """Refuse run options out of range, before anything starts (named as the ``cohort infer`` options).
+
+    Raises
+    ------
+    ConfigError
+        ``retries`` < 0, ``retry_wait`` < 0, ``stale_after`` <= 0, ``n_workers`` < 1 or ``torch_threads`` < 1
+        (NaN is refused too).
+    """
+    checks = (
+        ("--retries", retries, retries is not None and retries >= 0, ">= 0"),
+        ("--retry-wait", retry_wait, retry_wait is not None and 0 <= retry_wait < math.inf, ">= 0 seconds"),
+        ("--stale-after", stale_after, stale_after is not None and stale_after > 0, "> 0 seconds"),
+        ("--workers", n_workers, n_workers is None or n_workers >= 1, ">= 1"),
+        ("--torch-threads", torch_threads, torch_threads is None or torch_threads >= 1, ">= 1"),
+    )
+    for name, value, ok, need in checks:
+        if not ok:
+            msg = f"{name} must be {need}, got {value}"
+            raise ConfigError(msg)
+
+
+def check_scheduler_address(address: str) -> None:
+    """Refuse a malformed Dask scheduler address (``tcp://host:8786``) without connecting to it.
+
+    Raises
+    ------
+    ConfigError
+        Unknown scheme, or no host and port.
+    """
+    from distributed.comm.addressing import get_address_host_port, parse_address
+
+    try:
+        scheme, _ = parse_address(address)
+        if scheme != "inproc":  # an in-process cluster's address (Python API) has no host and port
+            get_address_host_port(address)
+    except (ValueError, TypeError) as exc:
+        msg = f"--scheduler {address!r} is not a Dask scheduler address ({exc}); expected e.g. tcp://host:8786"
+        raise ConfigError(msg) from exc
+
+
+def check_out_dir(outdir: Path) -> None:
+    """Refuse an OUTDIR that exists as something else, or under a file, before anything is created.
+
+    Raises
+    ------
+    ConfigError
+        ``outdir`` or one of its parents exists and is not a folder.
+    """
+    if outdir.exists() and not outdir.is_dir():
+        msg = f"{outdir}: exists and is not a folder; give a folder (new or from an earlier run) as OUTDIR"
+        raise ConfigError(msg)
+    for parent in outdir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                msg = f"{outdir}: cannot create the output folder: {parent} is not a folder"
+                raise ConfigError(msg)
+            break
+
+
+def check_model(model: Path, config: InferConfig, *, local: bool = True) -> dict[str, Any]:
+    """Load the checkpoint once, as every slide will (same loader, on CPU), and check the settings against it.
+
+    The region, overlap and output-factor rules are ``infer_slide``'s (:func:`wsltool.infer.run.region_geometry`);
+    checked here, a checkpoint or setting that every slide would fail on is one error before any slide is
+    scheduled.
+
+    Parameters
+    ----------
+    model
+        Checkpoint path.
+    config
+        Inference settings of the run.
+    local
+        The slides run on this machine (shard or LocalCluster): the device is checked too.
+
+    Returns
+    -------
+    dict
+        The checkpoint's meta.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, corrupt or unsafe file, a folder, not a localizer, or ``--region`` far from its input size.
+    ConfigError
+        Overlap not smaller than the region, ``--out-factor`` not dividing region and stride, unknown or
+        absent device.
+    """
+    from wsltool.infer.run import region_geometry
+    from wsltool.train.checkpoint import load_checkpoint
+
+    net, meta = load_checkpoint(model, map_location="cpu")
+    if not hasattr(net, "localize"):
+        msg = f"{model}: model has no localize() method"
+        raise CheckpointError(msg)
+    region_geometry(config, meta)  # infer_slide's rule, raising its errors
+    if local:
+        from wsltool.device import resolve_device
+
+        resolve_device(config.device)
+    return dict(meta)
+
+
 def run_cohort(
     csv_path: str | Path,
     outdir: str | Path,
@@ -635,6 +838,10 @@ def run_cohort(
 ) -> CohortSummary:
     """Run every slide of a cohort CSV into ``outdir``.
 
+    Everything that would fail every slide is checked first, before ``outdir`` is created or any slide
+    scheduled: the options, ``shard_spec``, the scheduler address, the CSV, ``outdir`` itself, the
+    checkpoint (loaded once) and the inference settings against it.
+
     Parameters
     ----------
     csv_path
@@ -648,18 +855,18 @@ def run_cohort(
     scheduler
         Address of an existing Dask scheduler (``tcp://host:8786``); default: a LocalCluster.
     n_workers
-        LocalCluster worker processes (default: :func:`default_cluster_size`).
+        LocalCluster worker processes, >= 1 (default: :func:`default_cluster_size`).
     torch_threads
-        Torch threads per task. Default: cores / workers on a LocalCluster; torch's own default in a shard
-        run; unchanged on an existing cluster (Dask starts its workers with ``OMP_NUM_THREADS=1``).
+        Torch threads per task, >= 1. Default: cores / workers on a LocalCluster; torch's own default in a
+        shard run; unchanged on an existing cluster (Dask starts its workers with ``OMP_NUM_THREADS=1``).
     shard_spec
         ``"i/N"``: run only the i-th share in this process, without Dask (for job arrays).
     retries
-        Extra attempts for transient failures.
+        Extra attempts for transient failures (>= 0).
     retry_wait
-        Seconds before retry k (times k).
+        Seconds before retry k (times k), >= 0.
     stale_after
-        Seconds after which a lock of another host that is not refreshed is reclaimed.
+        Seconds after which a lock of another host that is not refreshed is reclaimed (> 0).
     progress
         ``True`` for a tqdm bar over slides, or ``fn(done, total)``.
 
@@ -667,19 +874,35 @@ def run_cohort(
     -------
     CohortSummary
         Counts and wall time of this run (``results.csv`` holds the whole cohort).
+
+    Raises
+    ------
+    WslError
+        ``ConfigError`` (an option, OUTDIR, the scheduler address or a setting the checkpoint refuses),
+        ``LabelsError`` (the CSV), ``CheckpointError`` (the checkpoint); nothing was written then.
     """
+    check_run_options(
+        retries=retries,
+        retry_wait=retry_wait,
+        stale_after=stale_after,
+        n_workers=n_workers,
+        torch_threads=torch_threads,
+    )
+    shard_ix = None if shard_spec is None else parse_shard(shard_spec)
+    if scheduler and shard_ix is None:
+        check_scheduler_address(scheduler)
     slides = read_cohort(csv_path)
     outdir = Path(outdir).absolute()
-    outdir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(outdir)
     model = Path(model).absolute()
-    if not model.is_file():
-        msg = f"{model}: checkpoint not found"
-        raise CheckpointError(msg)
-    cfg = to_dict(config or InferConfig())
+    infer_cfg = config or InferConfig()
+    check_model(model, infer_cfg, local=not (scheduler and shard_ix is None))
+    outdir.mkdir(parents=True, exist_ok=True)
+    cfg = to_dict(infer_cfg)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     bar = None
-    todo = slides if shard_spec is None else shard(slides, *parse_shard(shard_spec))
+    todo = slides if shard_ix is None else shard(slides, *shard_ix)
     if progress is True:
         from tqdm import tqdm
 
@@ -688,7 +911,11 @@ def run_cohort(
 
     def record(row: dict[str, Any]) -> None:
         rows.append(row)
-        log.info("%s: %s %s", row.get("slide_id"), row["status"], row.get("error", ""))
+        if row["status"] == "failed":
+            kept = " (its finished result of an earlier run is kept)" if row.get("kept_result") else ""
+            log.warning("%s: failed%s: %s", row.get("slide_id"), kept, row.get("error", ""))
+        else:
+            log.info("%s: %s", row.get("slide_id"), row["status"])
         now = time.perf_counter()
         # rebuilding the table reads every result file: at most every few seconds on big cohorts
         if now - last_table[0] >= max(2.0, 10 * last_table[1]):
@@ -710,7 +937,7 @@ def run_cohort(
             pending.append(s)
         else:
             record({**prev, "status": "skipped"})
-    if pending and shard_spec is not None:
+    if pending and shard_ix is not None:
         for s in pending:
             record(run_slide(s, outdir, str(model), cfg, torch_threads=torch_threads, **kw))
     elif pending:
@@ -719,12 +946,16 @@ def run_cohort(
 
         # DataLoader reader processes need non-daemonic Dask workers; a slide that kills its worker
         # (segfault in a slide library, out of memory) is given up after ``retries`` more tries
-        settings = {"distributed.worker.daemon": False, "distributed.scheduler.allowed-failures": retries}
-        with dask.config.set(settings):
+        dask_settings = {"distributed.worker.daemon": False, "distributed.scheduler.allowed-failures": retries}
+        with dask.config.set(dask_settings):
             cluster = None
             gpu_per_worker = False
             if scheduler:
-                client = Client(scheduler)
+                try:
+                    client = Client(scheduler)
+                except ValueError as exc:  # a malformed address the check above let through
+                    msg = f"--scheduler {scheduler!r}: {exc}"
+                    raise ConfigError(msg) from exc
             else:
                 nw, nt = default_cluster_size()
                 workers = n_workers or nw
@@ -735,19 +966,11 @@ def run_cohort(
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
                 client = Client(cluster)
             try:
+                # the slide options are bound here: ``Client.submit`` would take ``retries=`` (and any other
+                # of its own keywords) for itself instead of passing it to run_slide
+                task = functools.partial(run_slide, torch_threads=torch_threads, gpu_per_worker=gpu_per_worker, **kw)
                 futs = [
-                    client.submit(
-                        run_slide,
-                        s,
-                        outdir,
-                        str(model),
-                        cfg,
-                        torch_threads=torch_threads,
-                        gpu_per_worker=gpu_per_worker,
-                        key=f"slide-{s.slide_id}",
-                        pure=False,
-                        **kw,
-                    )
+                    client.submit(task, s, outdir, str(model), cfg, key=f"slide-{s.slide_id}", pure=False)
                     for s in pending
                 ]
                 by_key = {f.key: s for f, s in zip(futs, pending, strict=True)}
@@ -767,10 +990,9 @@ def run_cohort(
                             "finished": time.time(),
                         }
                         try:
-                            _write_json(outdir / f"{sid}.result.json", row)
+                            row = record_failure(outdir, row, by="client")
                         except OSError as wexc:
                             log.error("%s: cannot record the failure: %s", sid, wexc)
-                        log_event(outdir, sid, "failed", error=err, by="client")
                         record(row)
             finally:
                 client.close()

@@ -17,7 +17,10 @@ def register(sub: Any) -> None:
         description="One task per slide. Finished slides are skipped, half-done ones resume, failures are "
         "recorded and do not stop the cohort (exit status 1 when a slide failed). Default: a Dask LocalCluster "
         "sized to this machine; --scheduler uses an existing Dask cluster; --shard i/N runs one share without "
-        "Dask (job arrays). Several runners may work on the same OUTDIR at once.",
+        "Dask (job arrays). Several runners may work on the same OUTDIR at once. The CSV, the checkpoint and the "
+        "options are checked before OUTDIR is created or any slide starts. A finished slide is never replaced: "
+        "a later run that fails on it (e.g. another checkpoint) counts it as failed and keeps its result; "
+        "delete its store and result file, or use another OUTDIR, to recompute it.",
     )
     q.add_argument("cohort", help="CSV with a 'path' column (optional 'id', 'mpp'); paths relative to the CSV")
     q.add_argument("-o", "--out", required=True, help="output folder")
@@ -27,22 +30,22 @@ def register(sub: Any) -> None:
         "--workers",
         type=int,
         default=None,
-        help="LocalCluster worker processes (default: one per GPU, or one per 4 CPU cores)",
+        help="LocalCluster worker processes, >= 1 (default: one per GPU, or one per 4 CPU cores)",
     )
     q.add_argument(
         "--torch-threads",
         type=int,
         default=None,
-        help="torch threads per slide task (default: cores / workers on a LocalCluster)",
+        help="torch threads per slide task, >= 1 (default: cores / workers on a LocalCluster)",
     )
     q.add_argument("--shard", default=None, help="run only share i of N (0-based, e.g. 0/4), without Dask")
-    q.add_argument("--retries", type=int, default=1, help="extra attempts for transient failures (default 1)")
-    q.add_argument("--retry-wait", type=float, default=2.0, help="seconds before retry k, times k (default 2)")
+    q.add_argument("--retries", type=int, default=1, help="extra attempts for transient failures, >= 0 (default 1)")
+    q.add_argument("--retry-wait", type=float, default=2.0, help="seconds before retry k, times k, >= 0 (default 2)")
     q.add_argument(
         "--stale-after",
         type=float,
         default=3600.0,
-        help="seconds after which an unrefreshed lock of "
+        help="seconds (> 0) after which an unrefreshed lock of "
         "another host is reclaimed (default 3600; locks of dead processes on this host at once)",
     )
     from wsltool.cli.infer import add_tta_argument
@@ -83,10 +86,19 @@ def _quiet_dask() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the cohort and print the summary line; exit 1 when any slide failed."""
+    """Run the cohort and print the summary line; exit 1 when any slide failed.
+
+    Bad input (CSV, checkpoint, an option out of range, a malformed ``--scheduler``) raises a ``WslError``
+    from :func:`~wsltool.cohort.run_cohort` before anything is written; ``wsltool.cli.main`` prints it as one
+    line and exits 2.
+    """
     from wsltool.cli.infer import config_from_args
     from wsltool.cohort import run_cohort
+    from wsltool.errors import ConfigError
 
+    if args.readers < 0:  # named as the option, not as InferConfig.workers
+        msg = f"--readers must be >= 0, got {args.readers}"
+        raise ConfigError(msg)
     if not getattr(args, "verbose", 0) and args.shard is None:
         _quiet_dask()
     cfg = config_from_args(args, workers=args.readers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,59 @@ class InferResult:
             f"{Path(slide).name}: tissue {self.tissue_mm2:.2f} mm2, {self.regions} regions{reused}, "
             f"{self.seconds:.1f} s, {self.predicted} ({pr}) -> {self.store}"
         )
+
+
+def region_geometry(cfg: InferConfig, meta: dict[str, Any]) -> tuple[int, int, int]:
+    """The region size, overlap and output factor a run of ``cfg`` uses with a checkpoint of ``meta``.
+
+    One rule for :func:`infer_slide` and the cohort's up-front check: the region defaults to the checkpoint's
+    input size and may be 0.5x-2x of it; the overlap defaults to half the region and must be smaller; the
+    output factor must divide the region and the stride (region - overlap), so that output pixels tile the
+    grid exactly.
+
+    Parameters
+    ----------
+    cfg
+        Inference settings.
+    meta
+        The checkpoint's meta (``input_size``; ``path`` names it in messages when present).
+
+    Returns
+    -------
+    (region, overlap, out_factor)
+
+    Raises
+    ------
+    CheckpointError
+        ``--region`` far from the checkpoint's input size.
+    ConfigError
+        An overlap not smaller than the region, or an output factor that does not divide region and stride;
+        the message suggests values that do.
+    """
+    trained = meta.get("input_size")
+    region = cfg.region or int(trained or 512)
+    what = f"--region {region}" if cfg.region else f"region {region} (the checkpoint's input size)"
+    if trained and not 0.5 * trained <= region <= 2 * trained:
+        where = f"{meta['path']}: " if meta.get("path") else ""
+        msg = (
+            f"{where}--region {region} px is far from the checkpoint's input size {trained} px (allowed 0.5x-2x): "
+            "the model's pooling was trained on that context; omit --region"
+        )
+        raise CheckpointError(msg)
+    overlap = half_region_overlap(region) if cfg.overlap is None else cfg.overlap
+    if overlap >= region:
+        msg = f"--overlap {overlap} must be smaller than the {what}"
+        raise ConfigError(msg)
+    f, stride = cfg.out_factor, region - overlap
+    if region % f or stride % f:
+        both = math.gcd(region, stride)
+        fits = max(d for d in range(1, min(f, both) + 1) if both % d == 0)
+        hint = f"--out-factor {fits}"
+        if not region % f:  # the factor fits the region: an overlap that is a multiple of it fits too
+            hint = f"--overlap {min(region - f, -(-overlap // f) * f)} or {hint}"
+        msg = f"--out-factor {f} must divide the {what} and the stride {stride} (region - overlap); try {hint}"
+        raise ConfigError(msg)
+    return region, overlap, f
 
 
 #: Memory layout of the network and its input per device type (tools/bench/gpu.py, README "GPU path").
@@ -259,26 +313,8 @@ def infer_slide(
         pos_name = (meta.get("train_config") or {}).get("positive_class") or class_names[-1]
         pos = class_names.index(pos_name) if pos_name in class_names else len(class_names) - 1
         mpp = cfg.mpp or meta.get("mpp") or 1.0
-        region = cfg.region or int(meta.get("input_size") or 512)
-        trained = meta.get("input_size")
-        if trained and not 0.5 * trained <= region <= 2 * trained:
-            msg = (
-                f"region {region} px is far from the checkpoint's input size {trained} px (allowed 0.5x-2x): "
-                "the model's pooling was trained on that context; omit --region"
-            )
-            raise CheckpointError(msg)
-        overlap = half_region_overlap(region) if cfg.overlap is None else cfg.overlap
-        if overlap >= region:
-            msg = f"overlap {overlap} must be smaller than the region size {region}"
-            raise ConfigError(msg)
-        f = cfg.out_factor
+        region, overlap, f = region_geometry(cfg, meta)
         stride = region - overlap
-        if region % f or stride % f:
-            msg = (
-                f"out_factor {f} must divide the region size {region} and the stride {stride} "
-                f"(region - overlap); try --overlap {region // 8 // f * f or 0}"
-            )
-            raise ConfigError(msg)
         out_mpp = mpp * f
         # top_k counts regions at the validation grid's density (stride = half a region); denser grids see each
         # spot in more regions, so k grows with them and the slide score covers the same tissue area
@@ -340,7 +376,8 @@ def infer_slide(
             if kept:  # the maps match; what finalize derived from them is the earlier run's
                 outline = " (or `wsltool export --threshold` for another outline)" if "threshold" in kept[0] else ""
                 log.warning(
-                    "%s: finished store kept with its %s; pass --overwrite to redo it%s",
+                    "%s: finished store kept with its %s; to redo it, replace it (`wsltool infer --overwrite`, "
+                    "or delete it before a cohort run)%s",
                     out_path,
                     "; ".join(kept),
                     outline,
