@@ -90,6 +90,11 @@ def test_unreadable_regions_raise_or_skip(tmp_path: Path, content) -> None:
             list(make_loader(RegionStream.from_grid(p, grid), batch_size=4, num_workers=workers))
         msg = str(ei.value)
         assert msg.startswith(f"{p}: cannot read") and "\n" not in msg and "Traceback" not in msg
+    # a plain DataLoader over the stream still gets the error (as torch wraps it), never a silent gap
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(RuntimeError, match="SlideReadError"):
+        list(DataLoader(RegionStream.from_grid(p, grid), batch_size=None, num_workers=2))
 
 
 def test_wsltool_errors_survive_pickling() -> None:

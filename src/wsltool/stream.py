@@ -89,6 +89,9 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
             msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
             raise ValueError(msg)
         self.on_error = on_error
+        #: Set by :class:`RegionLoader`: a reader process hands a wsltool error on as an item, which only that
+        #: loader turns back into the error (a plain DataLoader gets the error as torch wraps it).
+        self.carry_errors = False
         self._slide: Slide | None = None
         self._pid: int | None = None
 
@@ -120,7 +123,7 @@ class RegionStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
             else:
                 yield from self._regions()
         except WslError as exc:
-            if get_worker_info() is None:
+            if get_worker_info() is None or not self.carry_errors:
                 raise
             # a reader process hands the error on as an item: the DataLoader would turn it into a RuntimeError
             # carrying the worker's traceback; RegionLoader raises it as it was raised here
@@ -192,6 +195,10 @@ class RegionLoader(DataLoader[tuple[torch.Tensor, torch.Tensor]]):
     (torch rebuilds worker exceptions from their message alone), instead of the one-line ``SlideReadError``
     that names the slide and the tile.
     """
+
+    def __init__(self, dataset: RegionStream, **kwargs: Any) -> None:
+        dataset.carry_errors = True
+        super().__init__(dataset, **kwargs)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         for x, meta in super().__iter__():
