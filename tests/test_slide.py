@@ -302,6 +302,26 @@ def test_a_file_cut_short_is_refused_at_open_even_when_its_first_tiles_read(
         assert s.dimensions == (content.rgb.shape[1], content.rgb.shape[0])
 
 
+def test_tifffile_records_are_held_only_for_the_thread_opening_a_file(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import threading
+
+    from wsltool.slide.tiff_backend import _Heard
+
+    heard, lg = _Heard(), logging.getLogger("tifffile")
+    lg.addFilter(heard)
+    try:
+        with caplog.at_level("INFO", logger="tifffile"):
+            lg.warning("from the opening thread")
+            t = threading.Thread(target=lambda: lg.warning("from another thread"))
+            t.start()
+            t.join()
+    finally:
+        lg.removeFilter(heard)
+    assert heard.records == [(logging.WARNING, "from the opening thread")]
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["from another thread"]
+
+
 def test_truncated_synthetic_svs_second_half_missing(tmp_path: Path, content: SyntheticContent) -> None:
     full = write_svs(tmp_path / "full.svs", content.rgb)
     p = tmp_path / "cut.svs"

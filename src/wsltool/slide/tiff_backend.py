@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,17 @@ def _tag_mpp(page: Any) -> tuple[float, float] | None:
 
 
 class _Heard(logging.Filter):
-    """Keeps (and silences) the records of a logger while attached."""
+    """Keeps (and silences) the records a logger emits in this thread while attached; other threads' pass."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.messages: list[str] = []
+        self.thread = threading.get_ident()
+        self.records: list[tuple[int, str]] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.messages.append(record.getMessage())
+        if record.thread != self.thread:
+            return True
+        self.records.append((record.levelno, record.getMessage()))
         return False
 
 
@@ -81,11 +85,11 @@ def _check_data_in_file(path: Path, levels: list[Any]) -> None:
     A truncated file often keeps its first tiles readable (the open-time probe passes), so the tile table
     itself is checked: every ``offset + bytecount`` of every level must lie within the file.
     """
-    size = path.stat().st_size
     for i, lv in enumerate(levels):
         for page in lv.pages:
             if page is None:
                 continue
+            size = page.parent.filehandle.size  # the file that holds the page (multi-file OME: another one)
             offs = np.asarray(page.dataoffsets, dtype=np.int64)
             ends = offs + np.asarray(page.databytecounts, dtype=np.int64)
             if ends.size and int(ends.max()) > size:
@@ -105,7 +109,10 @@ class TiffSlide(Slide):
         import tifffile
         import zarr
 
-        heard = _Heard()  # what tifffile logs while parsing (a broken page chain) becomes part of our verdict
+        # what tifffile logs while parsing (a broken page chain, say) is ours to judge: with the pixel data whole
+        # it stays a warning naming the file; when the file is refused, our one-line error says it all (and
+        # tifffile's words are kept at debug level, -vv)
+        heard = _Heard()
         tiff_log = logging.getLogger("tifffile")
         tiff_log.addFilter(heard)
         try:
@@ -113,15 +120,19 @@ class TiffSlide(Slide):
             series = self._tf.series[0]
             levels = list(series.levels)
             _check_data_in_file(path, levels)
-        except SlideFormatError:
-            self._tf.close()
-            raise
-        except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error...
-            raise SlideFormatError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-        finally:
+        except BaseException as exc:
             tiff_log.removeFilter(heard)
-        for msg in heard.messages:  # the pixel data is whole: tifffile's complaint stays a warning of ours
-            log.warning("%s: %s", path, msg)
+            for _, msg in heard.records:
+                log.debug("%s: tifffile: %s", path, msg)
+            if hasattr(self, "_tf"):
+                self._tf.close()
+            if isinstance(exc, SlideFormatError) or not isinstance(exc, Exception):
+                raise
+            # tifffile raises TiffFileError, ValueError, struct.error...
+            raise SlideFormatError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        tiff_log.removeFilter(heard)
+        for level, msg in heard.records:
+            log.log(min(level, logging.WARNING), "%s: tifffile: %s", path, msg)
         axes = series.axes
         self._axes = axes
         self._arrays: list[Any] = []
