@@ -281,8 +281,11 @@ def test_export_refuses_bad_targets_and_another_slide_and_keeps_what_was_there(
         (["--geojson", str(store)], "r.zarr: a geojson export must end in .geojson or .json"),
         (["--png", str(tmp_path / "folder.png")], "folder.png: is a folder, not a file"),
         (["--png", str(tmp_path / "no" / "x.png")], "no/x.png: No such file or directory"),  # the target, no temp
-        (["--geojson", str(tmp_path / "g.geojson"), "--threshold", "1.5"], "threshold must be in (0, 1)"),
+        (["--geojson", str(tmp_path / "g.geojson"), "--threshold", "1.5"], "--threshold must be in (0, 1)"),
         (["--png", str(tmp_path / "p.png"), "--slide", str(other)], "other.svs: not the slide"),
+        # nothing is written when either target or the slide is wrong
+        (["--geojson", str(tmp_path / "g.geojson"), "--png", str(tmp_path / "x.jpg")], "x.jpg: a png export"),
+        (["--geojson", str(tmp_path / "g.geojson"), "--png", str(tmp_path / "p.png"), "--slide", str(other)], "other"),
     ):
         _one_line_error(capsys, ["export", str(store), *args], needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary, no partial file left

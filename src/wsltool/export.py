@@ -24,8 +24,23 @@ log = logging.getLogger(__name__)
 SUFFIXES = {"geojson": (".geojson", ".json"), "png": (".png",)}
 
 
-def _check_target(out: Path, kind: str) -> None:
-    """Refuse an export target before any work: a wrong ending (:data:`SUFFIXES`) or a folder."""
+def check_target(out: Path, kind: str) -> None:
+    """Refuse an export target before any work: a wrong ending (:data:`SUFFIXES`) or a folder.
+
+    Parameters
+    ----------
+    out
+        The file to write.
+    kind
+        ``"geojson"`` or ``"png"``.
+
+    Raises
+    ------
+    ConfigError
+        ``out`` does not end as a ``kind`` file should.
+    IsADirectoryError
+        ``out`` is a folder.
+    """
     from wsltool.errors import ConfigError
 
     if out.suffix.lower() not in SUFFIXES[kind]:
@@ -45,7 +60,7 @@ def _save(out: Path, kind: str, write: Callable[[Path], object]) -> None:
     OSError
         ``out`` is a folder or cannot be written; the error names ``out``, not the temporary.
     """
-    _check_target(out, kind)
+    check_target(out, kind)
     tmp = out.with_name(f".{out.name}.partial")
     try:
         write(tmp)
@@ -160,7 +175,7 @@ def store_geojson(store_path: str | Path, *, threshold: float | None = None, cla
 def write_geojson(store_path: str | Path, out: str | Path, **kwargs: Any) -> int:
     """Write :func:`store_geojson` to ``out`` (``.geojson`` or ``.json``); returns the number of features."""
     out = Path(out)
-    _check_target(out, "geojson")
+    check_target(out, "geojson")
     gj = store_geojson(store_path, **kwargs)
     _save(out, "geojson", lambda p: p.write_text(json.dumps(gj)))
     return len(gj["features"])
@@ -186,7 +201,7 @@ def preview_png(
     from wsltool.store import HeatmapStore
 
     out = Path(out)
-    _check_target(out, "png")
+    check_target(out, "png")
     st = HeatmapStore.open(store_path)
     src = Path(slide_path) if slide_path else Path(st.provenance["slide"]["path"])
     mplus = st.mplus(0).astype(np.float32)

@@ -20,8 +20,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the requested exports."""
-    from wsltool.errors import StoreError
-    from wsltool.export import preview_png, write_geojson
+    from wsltool.errors import ConfigError, StoreError
+    from wsltool.export import check_target, preview_png, write_geojson
     from wsltool.store import HeatmapStore
 
     store = Path(args.store)
@@ -32,12 +32,20 @@ def run(args: argparse.Namespace) -> int:
     if args.geojson is None and args.png is None:
         args.geojson = ""
     base = store.with_suffix("")
-    if args.geojson is not None:
-        out = Path(args.geojson or f"{base}.geojson")
-        n = write_geojson(store, out, threshold=args.threshold)
-        print(f"{out}: {n} contour(s) in level-0 pixel coordinates")
-    if args.png is not None:
-        out = Path(args.png or f"{base}.png")
-        w, h = preview_png(store, out, slide_path=args.slide)
-        print(f"{out}: {w}x{h} preview")
+    gj_out = None if args.geojson is None else Path(args.geojson or f"{base}.geojson")
+    png_out = None if args.png is None else Path(args.png or f"{base}.png")
+    # every check before anything is written: both targets, the threshold; the PNG (which checks --slide)
+    # is written first, so a wrong slide leaves no GeoJSON either
+    for out, kind in ((gj_out, "geojson"), (png_out, "png")):
+        if out is not None:
+            check_target(out, kind)
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        msg = f"--threshold must be in (0, 1), got {args.threshold}"
+        raise ConfigError(msg)
+    if png_out is not None:
+        w, h = preview_png(store, png_out, slide_path=args.slide)
+        print(f"{png_out}: {w}x{h} preview")
+    if gj_out is not None:
+        n = write_geojson(store, gj_out, threshold=args.threshold)
+        print(f"{gj_out}: {n} contour(s) in level-0 pixel coordinates")
     return 0
