@@ -408,6 +408,10 @@ def test_bad_scheduler_and_outdir_give_one_line(
         err = _err(capsys)
         assert f"--scheduler {addr!r} is not a Dask scheduler address" in err and words in err, err
         assert not out.exists()
+    from wsltool.cohort import check_scheduler_address
+
+    for good in ("tcp://head:8786", "tls://10.0.0.1:8786", "ucx://head:13337", "tcp://[::1]:8786"):
+        check_scheduler_address(good)  # every scheme distributed knows, without connecting
     f = tmp_path / "f.txt"
     f.write_text("keep")
     assert main([*base, "-o", str(f), "--shard", "0/1"]) == 2

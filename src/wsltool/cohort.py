@@ -748,10 +748,12 @@ def check_scheduler_address(address: str) -> None:
         Unknown scheme, or no host and port.
     """
     from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
 
     try:
         scheme, _ = parse_address(address)
-        if scheme != "inproc":  # an in-process cluster's address (Python API) has no host and port
+        get_backend(scheme)  # ValueError for a scheme distributed does not know
+        if scheme in ("tcp", "tls", "ws", "wss"):  # host:port schemes (inproc and ucx backends parse their own)
             get_address_host_port(address)
     except (ValueError, TypeError) as exc:
         msg = f"--scheduler {address!r} is not a Dask scheduler address ({exc}); expected e.g. tcp://host:8786"
