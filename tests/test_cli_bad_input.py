@@ -311,6 +311,8 @@ def test_an_unreadable_checkpoint_is_named_unreadable_not_corrupt(
         (["infer", "s.svs", "-o", "o.zarr", "--model", "m.pt", "--mpp", "abc"], "argument --mpp: invalid float"),
         (["train", "--labels", "l.csv", "--out", "o", "--resume", "--overwrite"], "not allowed with argument"),
         (["export"], "the following arguments are required: store"),
+        (["infer", "s.svs", "-o", "o.zarr", "--model", "m.pt", "--bogus"], "unrecognized arguments: --bogus"),
+        (["cohort", "infer", "c.csv", "-o", "o", "--model", "m.pt", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_usage_errors_are_one_line_too(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -318,4 +320,5 @@ def test_usage_errors_are_one_line_too(argv: list[str], needle: str, capsys: pyt
         main(argv)
     assert ei.value.code == 2
     err = _err(capsys)
-    assert err.startswith(f"wsltool {argv[0]}: error: ") and needle in err and f"(see wsltool {argv[0]} --help)" in err
+    cmd = " ".join(argv[:2]) if argv[0] == "cohort" else argv[0]  # the (sub-)command the error belongs to
+    assert err.startswith(f"wsltool {cmd}: error: ") and needle in err and f"(see wsltool {cmd} --help)" in err

@@ -57,10 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The deepest sub-command parser ``args`` were parsed by (``wsltool cohort infer`` -> its parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _innermost(chosen, args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``wsltool`` command; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the (sub-)command they were given to, as its other usage errors are
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
