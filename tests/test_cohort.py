@@ -146,13 +146,14 @@ def test_cohort_with_corrupt_slides_matches_single_slide_runs(cohort: dict[str, 
         assert row["probs"] == ";".join(f"{n}={p:.6g}" for n, p in zip(res.class_names, res.probs, strict=True))
         assert float(row["tissue_mm2"]) == pytest.approx(res.tissue_mm2, abs=1e-4)
         assert float(row["seconds"]) > 0 and Path(row["store"]) == out / f"{sid}.zarr"
+        assert Path(row["model"]) == Path(cohort["model"]).absolute()
     # the slides differ (the table cannot have mixed them up)
     assert len({table[p.stem]["regions"] for p in cohort["good"]}) >= 2
     for sid, problem in (("bad", "not a slide"), ("cut", "truncated file")):
         row = table[sid]
         assert row["status"] == "failed" and row["attempts"] == "1", row  # WslError: no retry
         assert problem in row["error"] and "\n" not in row["error"]
-        assert row["predicted"] == "" and row["store"] == ""
+        assert row["predicted"] == "" and row["store"] == "" and Path(row["model"]) == Path(cohort["model"]).absolute()
     assert set(_starts(out).values()) == {1}
     assert not list(out.glob("*.lock"))
     # the summary script reads the same output

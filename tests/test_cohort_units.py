@@ -321,6 +321,7 @@ def test_a_failed_rerun_keeps_finished_results(
     assert (out / "results.csv").read_text() == table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"] and all("malignant=" in r["probs"] for r in rows)
+    assert {r["model"] for r in rows} == {str(Path(small_run["m"]).absolute())}  # the kept rows' checkpoint
     failed = [e for e in read_events(out) if e["event"] == "failed"]
     assert sorted(e["slide"] for e in failed) == ["a", "b"] and all(e["kept_result"] for e in failed)
     for e in failed:  # the hint names what a cohort user can do: cohort infer has no --overwrite

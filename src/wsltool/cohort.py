@@ -57,6 +57,7 @@ RESULT_FIELDS = [
     "host",
     "error",
     "store",
+    "model",
 ]
 
 #: Statuses a slide can end a run with.
@@ -556,7 +557,13 @@ def run_slide(
     outdir = Path(outdir)
     store = outdir / f"{slide.slide_id}.zarr"
     result_path = outdir / f"{slide.slide_id}.result.json"
-    base = {"slide_id": slide.slide_id, "path": str(slide.path), "store": str(store), "host": socket.gethostname()}
+    base = {
+        "slide_id": slide.slide_id,
+        "path": str(slide.path),
+        "store": str(store),
+        "host": socket.gethostname(),
+        "model": str(model),  # which checkpoint made (or failed to make) the row: a table may mix runs
+    }
     settings = run_settings(model, config)
     prev = _finished(result_path, store, settings)
     if prev is not None:
