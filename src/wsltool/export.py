@@ -50,17 +50,16 @@ def check_target(out: Path, kind: str) -> None:
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(out))
 
 
-def _save(out: Path, kind: str, write: Callable[[Path], object]) -> None:
+def _save(out: Path, write: Callable[[Path], object]) -> None:
     """Write ``out`` through a hidden temporary beside it, renamed into place; a failure leaves neither.
+
+    ``out`` was checked by the caller (:func:`check_target`), before any work.
 
     Raises
     ------
-    ConfigError
-        ``out`` does not end as a ``kind`` file should (:data:`SUFFIXES`).
     OSError
-        ``out`` is a folder or cannot be written; the error names ``out``, not the temporary.
+        ``out`` cannot be written; the error names ``out``, not the temporary.
     """
-    check_target(out, kind)
     tmp = out.with_name(f".{out.name}.partial")
     try:
         write(tmp)
@@ -177,7 +176,7 @@ def write_geojson(store_path: str | Path, out: str | Path, **kwargs: Any) -> int
     out = Path(out)
     check_target(out, "geojson")
     gj = store_geojson(store_path, **kwargs)
-    _save(out, "geojson", lambda p: p.write_text(json.dumps(gj)))
+    _save(out, lambda p: p.write_text(json.dumps(gj)))
     return len(gj["features"])
 
 
@@ -224,7 +223,7 @@ def preview_png(
     for rings in mask_polygons(st.mask(0).astype(bool)):
         pts = [(float(x) * k, float(y) * k) for x, y in rings[0]]
         draw.line([*pts, pts[0]], fill=(0, 255, 120), width=2)
-    _save(out, "png", lambda p: img.save(p, format="PNG"))
+    _save(out, lambda p: img.save(p, format="PNG"))
     return img.size
 
 
