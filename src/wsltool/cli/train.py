@@ -138,14 +138,15 @@ def run(args: argparse.Namespace) -> int:
     if seeds and args.seed is not None:
         msg = "--seed and --seeds exclude each other (--seeds sets each member's seed)"
         raise ConfigError(msg)
-    if _has_slides(items):
+    readable_slides, unreadable = _item_kinds(items)
+    if readable_slides or unreadable:  # slides, or files the slide path reports with every other problem
         if seeds:
             msg = (
                 "--seeds trains image ensembles; for slides, train each seed with --seed "
                 "and combine the checkpoints with `wsltool ensemble`"
             )
             raise ConfigError(msg)
-        return _run_slides(args, items, classes, mdata, tdata, src)
+        return _run_slides(args, items, classes, mdata, tdata, src, readable_slides=readable_slides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone and write the same files
         msg = (
             f"{src} lists images: image training runs in one process (torchrun trains slide CSVs); "
@@ -254,23 +255,23 @@ def _best_line(res: Any, key: str, fmt: str) -> str:
     return f"best: {res.best} (epoch {res.best_epoch + 1}{metric})"
 
 
-def _has_slides(items: list[Any], *, unreadable: bool = True) -> bool:
-    """True when any item is a slide (not a plain image): then training is multiple-instance.
+def _item_kinds(items: list[Any]) -> tuple[bool, bool]:
+    """``(any slide, any unreadable file)`` among the items, in one pass that stops at the first slide.
 
-    An item no reader recognises counts as a slide when ``unreadable`` (the slide path reports it with every
-    other problem), and as nothing otherwise.
+    Either makes training multiple-instance: an item no reader recognises is reported, with every other
+    problem, by the slide path.
     """
     from wsltool.errors import WslError
     from wsltool.slide import choose_backend
 
+    unreadable = False
     for it in items:
         try:
             if choose_backend(it.path) != "image":
-                return True
+                return True, unreadable
         except WslError:
-            if unreadable:
-                return True
-    return False
+            unreadable = True
+    return False, unreadable
 
 
 def _run_slides(
@@ -280,6 +281,8 @@ def _run_slides(
     mdata: dict[str, Any],
     tdata: dict[str, Any],
     src: Path,
+    *,
+    readable_slides: bool,
 ) -> int:
     """Slide-level (multiple-instance) training: ``wsltool.train.slides.train_from_items``."""
     from wsltool.config import MilConfig, ModelConfig, TrainConfig, from_dict
@@ -290,7 +293,7 @@ def _run_slides(
     if args.mpp is not None:
         mil["mpp"] = args.mpp
     if "crop" in tdata:  # as MIL keys on images: a setting the run would not use is refused, not dropped
-        if _has_slides(items, unreadable=False):
+        if readable_slides:
             msg = (
                 f"crop: an image-training setting, but {src} lists slides; slide training reads regions of "
                 "--set region=N px (MilConfig.region)"
