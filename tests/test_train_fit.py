@@ -356,6 +356,35 @@ def test_augmentation_invariants() -> None:
     assert set(plain.flatten().tolist()) <= set(img.flatten().tolist())
 
 
+def test_color_augment_is_the_documented_optical_density_jitter() -> None:
+    """Values against the docstring's formula, recomputed in numpy from the same random draws."""
+    rng = np.random.default_rng(3)
+    # haematoxylin-, eosin- and background-like pixels, plus random ones
+    img = np.concatenate(
+        [np.array([[[60, 40, 140], [230, 120, 200], [245, 245, 245]]], np.uint8), rng.integers(0, 256, (1, 3, 3))], 1
+    ).transpose(2, 0, 1)
+    for strength in (0.5, 1.0, 2.0):
+        gen = torch.Generator().manual_seed(11)
+        out = color_augment(torch.from_numpy(img.copy()), strength, gen).numpy()
+        draws = torch.rand(8, generator=torch.Generator().manual_seed(11)).double().numpy()
+        s = strength
+        scale = 1 - 0.1 * s + 0.2 * s * draws[0:3]
+        shift = -0.03 * s + 0.06 * s * draws[3:6]
+        od = -np.log((img.astype(np.float64) + 1) / 256) * scale[:, None, None] + shift[:, None, None]
+        x = 256 * np.exp(-od) - 1 + 255 * (-0.05 * s + 0.1 * s * draws[6])
+        x = (x - x.mean()) * (1 - 0.1 * s + 0.2 * s * draws[7]) + x.mean()
+        want = np.clip(np.round(x), 0, 255)
+        assert np.abs(out.astype(np.float64) - want).max() <= 1  # float32 against float64 rounding
+        # one transform for the whole image, increasing in each channel: stain structure is kept, nothing
+        # spatial is added (two pixels in one channel never swap order)
+        for c in range(3):
+            order = np.argsort(img[c].ravel(), kind="stable")
+            assert np.all(np.diff(out[c].ravel()[order].astype(int)) >= 0)
+    # a flat image stays flat
+    flat = torch.full((3, 8, 8), 120, dtype=torch.uint8)
+    assert color_augment(flat, 1.0, torch.Generator().manual_seed(0)).flatten(1).unique(dim=1).shape[1] == 1
+
+
 def test_lr_schedule() -> None:
     tc = TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine")
     assert lr_factor(0.0, tc) < 0.01
