@@ -253,8 +253,27 @@ def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
     from wsltool.train.slides import train_from_rows
 
     out = tmp_path / "wsltool-retrain"
-    with pytest.raises(LabelsError, match=r"missing\.svs"):
+    with pytest.raises(LabelsError, match=r"missing\.svs") as ei:
         train_from_rows([(str(tmp_path / "missing.svs"), "tumor"), (str(tmp_path / "b.svs"), "normal")], out)
+    assert not out.exists()
+    # the slides.csv it was written to is taken back: the error names the table's rows, not that file's lines
+    msg = str(ei.value)
+    assert msg.startswith("the Retrain table: 2 problem(s): row 1: file not found: ") and "; row 2: " in msg
+    assert "slides.csv" not in msg and "line" not in msg
+    (tmp_path / "b.svs").write_bytes(b"not a slide")
+    rows = [(str(tmp_path / "b.svs"), "tumor"), (str(tmp_path / "c.svs"), "normal"), (str(tmp_path / "b.svs"), "Tumor")]
+    (tmp_path / "c.svs").write_bytes(b"")
+    with pytest.raises(LabelsError) as ei:
+        train_from_rows(rows, out)
+    assert str(ei.value) == (
+        "the Retrain table: 2 problem(s): row 3: label 'Tumor' differs from 'tumor' (row 1) only in case; "
+        f"row 3: duplicate of row 1: {tmp_path / 'b.svs'}"
+    )
+    with pytest.raises(LabelsError) as ei:  # found when the slides are opened, after the table was read
+        train_from_rows(rows[:2], out)
+    msg = str(ei.value)
+    assert msg.startswith(f"the Retrain table: 2 problem(s): row 1: {tmp_path / 'b.svs'}: not a slide or image")
+    assert f"; row 2: {tmp_path / 'c.svs'}: " in msg
     assert not out.exists()
 
 

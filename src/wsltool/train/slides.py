@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -672,7 +673,24 @@ def train_from_rows(
     with provisional_file(out_dir / "slides.csv", until=[out_dir / "last.pt"]) as csv_path:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_labels_csv(csv_path, [LabeledItem(Path(p), lab) for p, lab in rows])
-        return _train_from_table(csv_path, out_dir, epochs, init_from, mil, train, model, **kwargs)
+        try:
+            return _train_from_table(csv_path, out_dir, epochs, init_from, mil, train, model, **kwargs)
+        except LabelsError as exc:
+            if exc.path != csv_path or (out_dir / "last.pt").exists():
+                raise
+            # the file it names is taken back as the run fails: name the table's rows the user sees instead
+            raise LabelsError(RETRAIN_TABLE, [_table_rows(p) for p in exc.problems]) from exc
+
+
+#: What a problem in :func:`train_from_rows`' table is reported against (its ``slides.csv`` is taken back).
+RETRAIN_TABLE = "the Retrain table"
+
+_CSV_LINE = re.compile(r"(^|\(|duplicate of )line (\d+)\b")
+
+
+def _table_rows(problem: str) -> str:
+    """A ``slides.csv`` problem with its line numbers turned into table rows (line 2 = row 1, after the header)."""
+    return _CSV_LINE.sub(lambda m: f"{m.group(1)}row {int(m.group(2)) - 1}", problem)
 
 
 def _train_from_table(
