@@ -341,3 +341,35 @@ def test_usage_errors_are_one_line_too(argv: list[str], needle: str, capsys: pyt
     err = _err(capsys)
     cmd = " ".join(argv[:2]) if argv[0] == "cohort" else argv[0]  # the (sub-)command the error belongs to
     assert err.startswith(f"wsltool {cmd}: error: ") and needle in err and f"(see wsltool {cmd} --help)" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--chunk", "8"], "--chunk must be in [16, 4096], got 8"),
+        (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+        (["--region", "8"], "--region must be >= 16, got 8"),
+        (["--overlap", "-1"], "--overlap must be >= 0, got -1"),
+        (["--out-factor", "0"], "--out-factor must be >= 1, got 0"),
+        (["--mpp", "1000"], "--mpp must be in [0.05, 100] um/px, got 1000.0"),
+        (["--threshold", "1.5"], "--threshold must be in (0, 1), got 1.5"),
+        (["--device", "tpu"], "--device must be auto, cpu or cuda[:N], got 'tpu'"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--readers", "-1"], "--readers must be >= 0, got -1"),
+    ],
+)
+def test_inference_options_out_of_range_are_named_as_typed(
+    extra: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not by the config field behind them (``InferConfig.batch_size``); checked before any file is opened."""
+    model = str(tmp_path / "m.pt")
+    if extra[0] == "--readers":  # cohort's name for its reader processes per slide
+        argv = ["cohort", "infer", str(tmp_path / "c.csv"), "-o", str(tmp_path / "o"), "--model", model, *extra]
+    else:
+        argv = ["infer", str(tmp_path / "s.svs"), "-o", str(tmp_path / "o.zarr"), "--model", model, *extra]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert err.endswith(f": error: {needle}") and "InferConfig" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -286,7 +286,9 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         _check(16 <= self.chunk <= 4096, f"InferConfig.chunk must be in [16, 4096], got {self.chunk}")
-        _check(self.mpp is None or 0.05 <= self.mpp <= 100, f"InferConfig.mpp out of range: {self.mpp}")
+        _check(
+            self.mpp is None or 0.05 <= self.mpp <= 100, f"InferConfig.mpp must be in [0.05, 100] um/px, got {self.mpp}"
+        )
         _check(self.region is None or self.region >= 16, f"InferConfig.region must be >= 16, got {self.region}")
         _check(self.overlap is None or self.overlap >= 0, f"InferConfig.overlap must be >= 0, got {self.overlap}")
         _check(self.out_factor >= 1, f"InferConfig.out_factor must be >= 1, got {self.out_factor}")
@@ -347,7 +349,7 @@ class MilConfig:
     readers: int = 0
 
     def __post_init__(self) -> None:
-        _check(0.05 <= self.mpp <= 100, f"MilConfig.mpp out of range: {self.mpp}")
+        _check(0.05 <= self.mpp <= 100, f"MilConfig.mpp must be in [0.05, 100] um/px, got {self.mpp}")
         _check(self.region >= 32, f"MilConfig.region must be >= 32, got {self.region}")
         _check(
             self.top_k >= 0 and self.n_random >= 0 and self.top_k + self.n_random >= 1,

@@ -94,14 +94,10 @@ def run(args: argparse.Namespace) -> int:
     """
     from wsltool.cli.infer import config_from_args
     from wsltool.cohort import run_cohort
-    from wsltool.errors import ConfigError
 
-    if args.readers < 0:  # named as the option, not as InferConfig.workers
-        msg = f"--readers must be >= 0, got {args.readers}"
-        raise ConfigError(msg)
     if not getattr(args, "verbose", 0) and args.shard is None:
         _quiet_dask()
-    cfg = config_from_args(args, workers=args.readers)
+    cfg = config_from_args(args, workers=args.readers, workers_option="--readers")
     summary = run_cohort(
         args.cohort,
         args.out,

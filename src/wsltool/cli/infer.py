@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,24 +63,61 @@ def add_tta_argument(p: Any) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, *, workers: int) -> InferConfig:
-    """The :class:`~wsltool.config.InferConfig` of the inference options shared by ``infer`` and ``cohort``."""
-    from wsltool.config import InferConfig
+#: The option that sets each :class:`~wsltool.config.InferConfig` field (``workers``: the caller's), so that a
+#: value the config refuses is named as the user typed it (``--batch``, not ``InferConfig.batch_size``).
+_OPTION_OF_FIELD = {
+    "mpp": "--mpp",
+    "region": "--region",
+    "overlap": "--overlap",
+    "out_factor": "--out-factor",
+    "batch_size": "--batch",
+    "device": "--device",
+    "threshold": "--threshold",
+    "top_k": "--top-k",
+    "chunk": "--chunk",
+    "tta": "--tta",
+}
 
-    return InferConfig(
-        mpp=args.mpp,
-        region=args.region,
-        overlap=args.overlap,
-        out_factor=args.out_factor,
-        batch_size=args.batch,
-        workers=workers,
-        device=args.device,
-        amp=not args.no_amp,
-        threshold=args.threshold,
-        top_k=args.top_k,
-        chunk=args.chunk,
-        tta=args.tta,
-    )
+
+def config_from_args(args: argparse.Namespace, *, workers: int, workers_option: str = "--workers") -> InferConfig:
+    """The :class:`~wsltool.config.InferConfig` of the inference options shared by ``infer`` and ``cohort``.
+
+    Parameters
+    ----------
+    args
+        Parsed options of ``infer`` or ``cohort infer``.
+    workers
+        Reader processes per slide.
+    workers_option
+        The option ``workers`` came from (``--workers`` for ``infer``, ``--readers`` for ``cohort infer``).
+
+    Raises
+    ------
+    ConfigError
+        A value out of range, named by its option.
+    """
+    from wsltool.config import InferConfig
+    from wsltool.errors import ConfigError
+
+    try:
+        return InferConfig(
+            mpp=args.mpp,
+            region=args.region,
+            overlap=args.overlap,
+            out_factor=args.out_factor,
+            batch_size=args.batch,
+            workers=workers,
+            device=args.device,
+            amp=not args.no_amp,
+            threshold=args.threshold,
+            top_k=args.top_k,
+            chunk=args.chunk,
+            tta=args.tta,
+        )
+    except ConfigError as exc:
+        options = {**_OPTION_OF_FIELD, "workers": workers_option}
+        msg = re.sub(r"\bInferConfig\.(\w+)", lambda m: options.get(m.group(1), m.group(0)), str(exc))
+        raise ConfigError(msg) from exc
 
 
 def run(args: argparse.Namespace) -> int:
