@@ -114,6 +114,9 @@ def test_results_table_merges_result_files(tmp_path: Path) -> None:
     assert [r["status"] for r in rows] == ["done", "failed", "pending"]
     assert rows[0]["probs"] == "benign=0.1;malignant=0.9" and rows[0]["regions"] == "12"
     assert rows[1]["error"] == "b.svs: not a slide"
+    # the table is the given CSV's: another cohort's slides in the same OUTDIR are left out, not deleted
+    rows = list(csv.DictReader(write_results(tmp_path, slides[1:]).open()))
+    assert [r["slide_id"] for r in rows] == ["b", "c"] and (tmp_path / "a.result.json").is_file()
 
 
 def _dead_pid() -> int:

@@ -649,7 +649,11 @@ def _fmt_probs(probs: Any) -> str:
 
 
 def write_results(outdir: str | Path, slides: list[CohortSlide]) -> Path:
-    """Rebuild ``OUTDIR/results.csv`` from every ``*.result.json`` (slides not yet run are ``pending``)."""
+    """Rebuild ``OUTDIR/results.csv`` from the ``<id>.result.json`` of ``slides`` (not yet run: ``pending``).
+
+    The table is the given cohort's: result files of other slides in OUTDIR (another cohort CSV written
+    there) are left out of it, and left in place.
+    """
     outdir = Path(outdir)
     rows = []
     for s in sorted(slides, key=lambda s: s.slide_id):
