@@ -249,7 +249,7 @@ def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:
     assert (tmp_path / "linked" / "splits.csv").is_symlink() and target.read_text() == "earlier"
 
 
-def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
+def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsltool.train.slides import train_from_rows
 
     out = tmp_path / "wsltool-retrain"
@@ -275,6 +275,24 @@ def test_a_retrain_table_that_fails_leaves_no_folder(tmp_path: Path) -> None:
     assert msg.startswith(f"the Retrain table: 2 problem(s): row 1: {tmp_path / 'b.svs'}: not a slide or image")
     assert f"; row 2: {tmp_path / 'c.svs'}: " in msg
     assert not out.exists()
+    # a relative path is the caller's (the current folder), and a path's own "(line N)" is left alone
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scan (line 2).svs").write_bytes(b"not a slide either")
+    with pytest.raises(LabelsError) as ei:
+        train_from_rows([("b.svs", "tumor"), ("scan (line 2).svs", "normal")], out)
+    msg = str(ei.value)
+    assert msg.startswith(f"the Retrain table: 2 problem(s): row 1: {tmp_path / 'b.svs'}: not a slide or image")
+    assert f"; row 2: {tmp_path / 'scan (line 2).svs'}: not a slide or image" in msg
+    with pytest.raises(LabelsError, match=r"^the Retrain table: 1 problem\(s\): no rows$"):
+        train_from_rows([], out)
+    assert not out.exists()
+    # resuming a folder whose earlier table is restored as the run fails: the rows are named, not that file
+    out.mkdir()
+    (out / "slides.csv").write_text("path,label\nold.svs,tumor\n")
+    (out / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(LabelsError, match=r"^the Retrain table: 1 problem\(s\): row 1: file not found: "):
+        train_from_rows([("missing.svs", "tumor"), ("c.svs", "normal")], out, resume=True)
+    assert (out / "slides.csv").read_text() == "path,label\nold.svs,tumor\n"
 
 
 def test_an_image_setting_on_slides_is_refused_not_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -401,6 +401,40 @@ def test_retrain_end_to_end_sets_localize_checkpoint(
     ]
 
 
+def test_retrain_failure_names_the_rows_shown(
+    make_napari_viewer: Callable[..., Any],
+    qtbot: Any,
+    cohort: Path,
+    tmp_path: Path,
+    notes: list[tuple[str, str]],
+) -> None:
+    viewer = make_napari_viewer()
+    w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
+    viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    slides = sorted(cohort.glob("*.svs"))
+    bad = tmp_path / "notes.svs"
+    bad.write_text("not a slide")
+    w.set_rows([(str(slides[0]), "benign"), ("", ""), (str(bad), "malignant"), (str(slides[1]), "")])
+    assert list(w.table.row_headers) == [1, 2, 3, 4]  # numbered as a failed run counts them
+    w.out.value = tmp_path
+    w.run_btn.native.click()  # a half-filled row is refused by its number, before anything starts
+    assert not w.running and notes[-1] == (
+        "error",
+        "Retrain: row 4 has a path but no label: fill it in or clear both cells",
+    )
+    w.set_rows([(str(slides[0]), "benign"), ("", ""), (str(bad), "malignant"), (str(slides[1]), "malignant")])
+    w.run_btn.native.click()
+    assert w.running
+    # the blank row went out of the table, so the rows the error names are the rows shown
+    assert w.rows() == [(str(slides[0]), "benign"), (str(bad), "malignant"), (str(slides[1]), "malignant")]
+    assert list(w.table.row_headers) == [1, 2, 3] and w.table.data.to_list()[1][0] == str(bad)
+    _wait_idle(qtbot, w)
+    kind, msg = notes[-1]
+    assert kind == "error" and msg.startswith(f"Retrain: the Retrain table: 1 problem(s): row 2: {bad}: not a slide")
+    assert "slides.csv" not in msg and w.status.value == "failed"
+    assert not (tmp_path / "wsltool-retrain").exists()
+
+
 def test_retrain_cancel(
     make_napari_viewer: Callable[..., Any],
     qtbot: Any,

@@ -65,7 +65,8 @@ def _same_viewer(a: Any, b: Any) -> bool:
 
 def _table_value(rows: list[tuple[str, str]]) -> dict[str, Any]:
     """A magicgui Table value ("split" layout: data, index and columns) for ``(path, label)`` rows."""
-    return {"data": [list(r) for r in rows], "index": tuple(range(len(rows))), "columns": ("path", "label")}
+    # rows are numbered from 1, as a failed run's message counts them (wsltool.train.slides.train_from_rows)
+    return {"data": [list(r) for r in rows], "index": tuple(range(1, len(rows) + 1)), "columns": ("path", "label")}
 
 
 def _partial_path(store: Path) -> Path:
@@ -436,11 +437,13 @@ class RetrainWidget(_JobHost, Container):
         self._timer.timeout.connect(self._poll)
         self.native.destroyed.connect(self._on_destroyed)
 
+    def _cells(self) -> list[tuple[str, str]]:
+        """Every row of the table as ``(path, label)`` text, blank cells as ``""``."""
+        return [tuple("" if v is None else str(v).strip() for v in r[:2]) for r in self.table.data.to_list()]  # type: ignore[misc]
+
     def rows(self) -> list[tuple[str, str]]:
         """The table as ``(path, label)`` pairs (rows with an empty path or label are left out)."""
-        data = self.table.data.to_list()
-        out = [(str(r[0]).strip(), str(r[1]).strip()) for r in data]
-        return [(p, lab) for p, lab in out if p and lab]
+        return [(p, lab) for p, lab in self._cells() if p and lab]
 
     def set_rows(self, rows: list[tuple[str, str]]) -> None:
         """Replace the table's content."""
@@ -472,7 +475,15 @@ class RetrainWidget(_JobHost, Container):
         """Check the table and start training in a worker process."""
         if self.running:
             return
+        cells = self._cells()
+        for n, (path, label) in enumerate(cells, 1):
+            if bool(path) != bool(label):
+                have, lack = ("path", "label") if path else ("label", "path")
+                _notify(f"Retrain: row {n} has a {have} but no {lack}: fill it in or clear both cells")
+                return
         rows = self.rows()
+        if len(rows) != len(cells):  # blank rows out, so that the rows a failed run names are those shown
+            self.set_rows(rows)
         labels = {lab for _, lab in rows}
         if len(rows) < 2 or len(labels) < 2:
             _notify("Retrain: the table needs slides of at least two classes")

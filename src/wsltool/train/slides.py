@@ -667,30 +667,46 @@ def train_from_rows(
     model: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> SlideFitResult:
-    """Train from ``(path, label)`` pairs (the napari Retrain widget's table); validation split is made here."""
+    """Train from ``(path, label)`` pairs (the napari Retrain widget's table); validation split is made here.
+
+    Relative paths are taken from the current folder.  The pairs are written to ``out_dir/slides.csv``; a run
+    that fails before its first checkpoint takes that file back, and a problem with the pairs is reported
+    against :data:`RETRAIN_TABLE` by row (1 = the first pair), not against the file.
+    """
     check_new_run(out_dir, resume=bool(kwargs.get("resume")), overwrite=bool(kwargs.get("overwrite")))
     # the table is written as the run's input; a run that fails before its first checkpoint takes it back
     with provisional_file(out_dir / "slides.csv", until=[out_dir / "last.pt"]) as csv_path:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_labels_csv(csv_path, [LabeledItem(Path(p), lab) for p, lab in rows])
+        # absolute: a relative path is the caller's (the current folder), not relative to out_dir/slides.csv
+        write_labels_csv(csv_path, [LabeledItem(Path(p).absolute(), lab) for p, lab in rows])
         try:
             return _train_from_table(csv_path, out_dir, epochs, init_from, mil, train, model, **kwargs)
         except LabelsError as exc:
-            if exc.path != csv_path or (out_dir / "last.pt").exists():
+            if exc.path != csv_path:
                 raise
-            # the file it names is taken back as the run fails: name the table's rows the user sees instead
+            # the file is taken back (or an earlier run's restored) as the run fails: name the table's rows
             raise LabelsError(RETRAIN_TABLE, [_table_rows(p) for p in exc.problems]) from exc
 
 
 #: What a problem in :func:`train_from_rows`' table is reported against (its ``slides.csv`` is taken back).
 RETRAIN_TABLE = "the Retrain table"
 
-_CSV_LINE = re.compile(r"(^|\(|duplicate of )line (\d+)\b")
-
 
 def _table_rows(problem: str) -> str:
-    """A ``slides.csv`` problem with its line numbers turned into table rows (line 2 = row 1, after the header)."""
-    return _CSV_LINE.sub(lambda m: f"{m.group(1)}row {int(m.group(2)) - 1}", problem)
+    """A ``slides.csv`` problem in table rows: line 2 is row 1 (under the header); "no rows" for an empty table.
+
+    Only where :func:`wsltool.train.labels.read_labels` and the slide checks put line numbers: a path such as
+    ``scan (line 2).svs`` stays as it is.
+    """
+    if problem == "no rows after the header":
+        return "no rows"
+
+    def row(n: str) -> str:
+        return f"row {int(n) - 1}"
+
+    problem = re.sub(r"^line (\d+): ", lambda m: f"{row(m[1])}: ", problem, count=1)
+    problem = re.sub(r"^(row \d+: )duplicate of line (\d+): ", lambda m: f"{m[1]}duplicate of {row(m[2])}: ", problem)
+    return re.sub(r" \(line (\d+)\) only in case$", lambda m: f" ({row(m[1])}) only in case", problem)
 
 
 def _train_from_table(
