@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
@@ -363,10 +364,11 @@ def test_color_augment_is_the_documented_optical_density_jitter() -> None:
     img = np.concatenate(
         [np.array([[[60, 40, 140], [230, 120, 200], [245, 245, 245]]], np.uint8), rng.integers(0, 256, (1, 3, 3))], 1
     ).transpose(2, 0, 1)
-    for strength in (0.5, 1.0, 2.0):
-        gen = torch.Generator().manual_seed(11)
+    img = np.concatenate([img, rng.integers(0, 256, (3, 16, 16)).astype(np.uint8).reshape(3, 1, -1)], 2)
+    for seed, strength in itertools.product(range(8), (0.5, 1.0, 2.0)):
+        gen = torch.Generator().manual_seed(seed)
         out = color_augment(torch.from_numpy(img.copy()), strength, gen).numpy()
-        draws = torch.rand(8, generator=torch.Generator().manual_seed(11)).double().numpy()
+        draws = torch.rand(8, generator=torch.Generator().manual_seed(seed)).double().numpy()
         s = strength
         scale = 1 - 0.1 * s + 0.2 * s * draws[0:3]
         shift = -0.03 * s + 0.06 * s * draws[3:6]
@@ -374,7 +376,8 @@ def test_color_augment_is_the_documented_optical_density_jitter() -> None:
         x = 256 * np.exp(-od) - 1 + 255 * (-0.05 * s + 0.1 * s * draws[6])
         x = (x - x.mean()) * (1 - 0.1 * s + 0.2 * s * draws[7]) + x.mean()
         want = np.clip(np.round(x), 0, 255)
-        assert np.abs(out.astype(np.float64) - want).max() <= 1  # float32 against float64 rounding
+        diff = np.abs(out.astype(np.float64) - want)
+        assert diff.max() <= 1 and (diff == 0).mean() >= 0.98  # float32 against float64: a rounding step, rarely
         # one transform for the whole image, increasing in each channel: stain structure is kept, nothing
         # spatial is added (two pixels in one channel never swap order)
         for c in range(3):
