@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -317,6 +318,39 @@ def test_open_errors(tmp_path: Path) -> None:
         )
     with pytest.raises(DataError, match="JSON"):
         create(tmp_path / "y.zarr", provenance={"bad": object()})
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: shutil.rmtree(p / "1"), "level array '1' missing"),
+        (lambda p: (p / "0" / "zarr.json").unlink(), "level array '0' missing"),
+        (lambda p: shutil.rmtree(p / "labels" / "mask"), "label image 'mask' missing"),
+        (lambda p: shutil.rmtree(p / "labels" / "tissue" / "2"), "level array '2' of label image 'tissue' missing"),
+        (lambda p: _edit_attrs(p, lambda w: w.pop("grid")), "wsltool attribute 'grid' missing"),
+        (lambda p: _edit_attrs(p, lambda w: w["grid"].pop("chunk")), "wsltool attribute 'grid.chunk' missing"),
+        (
+            lambda p: _edit_attrs(p, lambda w: w["progress"].pop("n_bands")),
+            "wsltool attribute 'progress.n_bands' missing",
+        ),
+    ],
+)
+def test_a_damaged_store_is_refused_at_open_naming_what_is_missing(
+    tmp_path: Path, damage: Callable[[Path], object], problem: str
+) -> None:
+    p = tmp_path / "h.zarr"
+    finished(p, 0.25, shape=(70, 110), chunk=16)
+    assert len(HeatmapStore.open(p).levels) >= 3
+    damage(p)
+    with pytest.raises(StoreError) as ei:
+        HeatmapStore.open(p)
+    assert str(ei.value) == f"{p}: corrupt heatmap store: {problem}"
+
+
+def _edit_attrs(p: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    meta = json.loads((p / "zarr.json").read_text())
+    edit(meta["attributes"]["wsltool"])
+    (p / "zarr.json").write_text(json.dumps(meta))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -521,7 +521,45 @@ class HeatmapStore:
             )
             raise StoreError(msg)
         group = zarr.open_group(store=LocalStore(p, read_only=True), mode="r")
-        return cls(p, p, group, writable=False)
+        store = cls(p, p, group, writable=False)
+        problem = store._layout_problem()
+        if problem is not None:
+            msg = f"{p}: corrupt heatmap store: {problem}"
+            raise StoreError(msg)
+        return store
+
+    def _layout_problem(self) -> str | None:
+        """What is missing from an opened store that its attributes promise (metadata only), or None."""
+        for key, subkeys in (
+            ("grid", ("shape_yx", "chunk", "channel_names", "out_mpp", "slide_mpp")),
+            ("progress", ("n_bands", "final_bands")),
+            ("provenance", ()),
+            ("state", ()),
+        ):
+            value = self._meta.get(key)
+            if value is None:
+                return f"wsltool attribute {key!r} missing"
+            missing = [k for k in subkeys if k not in value]
+            if missing:
+                return f"wsltool attribute '{key}.{missing[0]}' missing"
+        try:
+            paths = [d["path"] for d in self._ome(self._group)["multiscales"][0]["datasets"]]
+        except (KeyError, IndexError, TypeError, StoreError):
+            return "no OME multiscales metadata"
+        for path in paths:  # create() makes every level's array; finalize() fills the pyramid
+            if not isinstance(self._group.get(path), zarr.Array):
+                return f"level array {path!r} missing"
+        if self.complete:
+            for name in ("mask", "tissue"):
+                try:
+                    g = _subgroup(_subgroup(self._group, "labels"), name)
+                    label_paths = [d["path"] for d in self._ome(g)["multiscales"][0]["datasets"]]
+                except (KeyError, IndexError, TypeError, StoreError):
+                    return f"label image {name!r} missing"
+                for path in label_paths:
+                    if not isinstance(g.get(path), zarr.Array):
+                        return f"level array {path!r} of label image {name!r} missing"
+        return None
 
     # ------------------------------------------------------------------ properties
     @property
