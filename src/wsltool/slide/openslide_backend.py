@@ -62,7 +62,20 @@ class OpenSlideSlide(Slide):
         """Give this handle its own OpenSlide tile cache of ``nbytes`` (instead of the shared 32 MiB one)."""
         import openslide
 
-        self._osr.set_cache(openslide.OpenSlideCache(int(nbytes)))
+        self._cache_bytes = int(nbytes)
+        self._osr.set_cache(openslide.OpenSlideCache(self._cache_bytes))
+
+    def _reopen(self) -> None:
+        """Replace the OpenSlide handle by a fresh one (same file, same cache size); kept as is if that fails."""
+        import openslide
+
+        try:
+            osr = openslide.OpenSlide(str(self.path))
+            if getattr(self, "_cache_bytes", None):
+                osr.set_cache(openslide.OpenSlideCache(self._cache_bytes))
+        except openslide.OpenSlideError:
+            return
+        self._osr = osr
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
@@ -71,6 +84,9 @@ class OpenSlideSlide(Slide):
         try:
             img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
         except openslide.OpenSlideError as exc:
+            # OpenSlide leaves a handle that failed once failing every later call, intact tiles and levels too:
+            # read on through a fresh one (the old one closes when no other thread holds it)
+            self._reopen()
             raise SlideReadError(self.path, f"cannot read pixels at level {level} ({exc})") from exc
         rgba = np.asarray(img)
         alpha = rgba[..., 3:4]
