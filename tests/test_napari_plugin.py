@@ -24,6 +24,7 @@ from wsltool.infer.stitch import Stitcher
 from wsltool.napari_plugin._reader import (
     get_slide_reader,
     get_store_reader,
+    open_slide_layers,
     read_slide,
     store_layers,
 )
@@ -114,7 +115,7 @@ def _layers(viewer: Any, prefix: str) -> dict[str, Any]:
 
 # -- 1. readers -----------------------------------------------------------------------------------------------------
 def test_slide_reader_layers_scale_levels_values(small_slide: Path, small_content: SyntheticContent) -> None:
-    assert get_slide_reader(str(small_slide)) is read_slide
+    assert get_slide_reader(str(small_slide)) is open_slide_layers
     assert get_slide_reader([str(small_slide)]) is None
     [(data, kw, kind)] = read_slide(str(small_slide))
     assert kind == "image"
@@ -144,6 +145,83 @@ def test_slide_reader_without_mpp_and_non_slides(nompp_slide: Path, tmp_path: Pa
     txt = tmp_path / "notes.tif"
     txt.write_text("not a slide")
     assert get_slide_reader(str(txt)) is None
+
+
+def test_readers_report_what_they_cannot_open_in_one_line(
+    make_napari_viewer: Callable[..., Any], tmp_path: Path, notes: list[tuple[str, str]]
+) -> None:
+    """File > Open on a damaged slide or store: one error line naming it and the problem, no layer, no traceback."""
+    import shutil
+
+    viewer = make_napari_viewer()
+    (tmp_path / "empty.svs").write_bytes(b"")
+    (tmp_path / "notes.svs").write_text("not a slide")
+    _store_with_levels(tmp_path / "level.zarr", complete=True)
+    shutil.rmtree(tmp_path / "level.zarr" / "1")
+    _store_with_levels(tmp_path / "cut.zarr", complete=True)
+    meta = tmp_path / "cut.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    expected = {
+        "empty.svs": "empty.svs: empty file",
+        "notes.svs": "notes.svs: not a slide or image: unrecognised file content",
+        "level.zarr": "level.zarr: corrupt heatmap store: level array '1' missing",
+        "cut.zarr": "cut.zarr/zarr.json: cannot be read as JSON (JSONDecodeError); the store's metadata is damaged",
+    }
+    for name, words in expected.items():
+        before = len(notes)
+        assert viewer.open(str(tmp_path / name), plugin="wsltool") == []
+        assert notes[before:] == [("error", f"{tmp_path}/{words}")], name
+    assert len(viewer.layers) == 0
+    # a .tif that is no slide is left to napari's other readers, as before
+    (tmp_path / "notes.tif").write_text("not a slide")
+    assert get_slide_reader(str(tmp_path / "notes.tif")) is None
+
+
+def test_damaged_tiles_show_blank_with_one_warning_and_the_rest_reads(
+    make_napari_viewer: Callable[..., Any],
+    tmp_path: Path,
+    small_content: SyntheticContent,
+    notes: list[tuple[str, str]],
+) -> None:
+    import tifffile
+
+    p = write_svs(tmp_path / "bad0.svs", small_content.rgb)  # JPEG tiles
+    good = open_slide(p)
+    level1 = good.read_level(1, 0, 0, *good.level_dimensions[1])
+    good.close()
+    raw = bytearray(p.read_bytes())
+    with tifffile.TiffFile(p) as tf:
+        for off, n in zip(tf.pages[0].dataoffsets, tf.pages[0].databytecounts, strict=True):
+            raw[off + 2 : off + n] = bytes(n - 2)  # every level-0 tile: garbage after the JPEG start marker
+    p.write_bytes(bytes(raw))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(p), plugin="wsltool")
+    for _ in range(2):  # read twice: said once
+        assert (np.asarray(layer.data[0][:512, :512]) == 255).all()  # blank (glass), not an exception
+    warned = [n for n in notes if "bad0.svs" in n[1]]
+    assert len(warned) == 1 and warned[0][0] == "warning"
+    assert warned[0][1].startswith(f"{p}: cannot read pixels at level 0") and warned[0][1].endswith("; shown blank")
+    np.testing.assert_array_equal(np.asarray(layer.data[1]), level1)  # the intact level still reads
+
+
+def test_a_slide_cut_short_with_level0_whole_opens_with_a_warning(
+    make_napari_viewer: Callable[..., Any],
+    tmp_path: Path,
+    small_content: SyntheticContent,
+    notes: list[tuple[str, str]],
+) -> None:
+    import tifffile
+
+    src = write_svs(tmp_path / "whole.svs", small_content.rgb, compression="none")
+    with tifffile.TiffFile(src) as tf:
+        end0 = max(o + n for o, n in zip(tf.pages[0].dataoffsets, tf.pages[0].databytecounts, strict=True))
+    p = tmp_path / "cut.svs"
+    p.write_bytes(src.read_bytes()[:end0])  # level 0 whole; the next directory and the rest of the pyramid gone
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(p), plugin="wsltool")
+    assert layer.data.shape[:2] == (768, 1024) and not layer.multiscale
+    warned = [n for n in notes if "cut.svs" in n[1]]
+    assert len(warned) == 1 and warned[0][0] == "warning" and "invalid page offset" in warned[0][1]
 
 
 def test_store_reader_complete(tmp_path: Path) -> None:
@@ -314,10 +392,36 @@ def test_localize_bad_input_notifies(
     w.run_btn.native.click()
     assert not w.running
     assert notes[-1][0] == "error" and "open a slide first" in notes[-1][1]
-    # no checkpoint chosen
+    # no checkpoint chosen, or one that is not there
     viewer.open(str(small_slide), plugin="wsltool")
     w.run_btn.native.click()
-    assert not w.running and "choose a checkpoint" in notes[-1][1]
+    assert not w.running and notes[-1] == ("error", "Localize: choose a checkpoint file (.pt): none chosen")
+    w.model.value = tmp_path / "gone.pt"
+    w.run_btn.native.click()
+    assert not w.running and notes[-1] == (
+        "error",
+        f"Localize: choose a checkpoint file (.pt): {tmp_path}/gone.pt not found",
+    )
+    # an output that holds another slide's heatmap is kept, not replaced (re-localizing a slide replaces its own)
+    other = tmp_path / "other.zarr"
+    HeatmapStore.create(
+        other,
+        shape_yx=(8, 8),
+        out_mpp=4.0,
+        slide_mpp=0.5,
+        channel_names=["M+", "benign", "malignant"],
+        provenance={"slide": {"path": str(tmp_path / "another.svs")}},
+        chunk=16,
+    )
+    kept = (other / "zarr.json").read_bytes()
+    w.model.value = checkpoint
+    w.out.value = other
+    w.run_btn.native.click()
+    assert not w.running and notes[-1] == (
+        "error",
+        f"Localize: {other} holds the heatmap of {tmp_path}/another.svs; choose another output, or delete that store",
+    )
+    assert (other / "zarr.json").read_bytes() == kept
     # a slide without mpp: a message that says so and what to do
     viewer.layers.clear()
     viewer.open(str(nompp_slide), plugin="wsltool")
@@ -423,6 +527,19 @@ def test_retrain_failure_names_the_rows_shown(
         "Retrain: row 4 has a path but no label: fill it in or clear both cells",
     )
     w.set_rows([(str(slides[0]), "benign"), ("", ""), (str(bad), "malignant"), (str(slides[1]), "malignant")])
+    # a slides.csv that is not there, or a folder; an output folder that is a file; fine-tuning with no checkpoint
+    for value, words in ((tmp_path / "nope.csv", "nope.csv not found"), (tmp_path, "is a folder, not a file")):
+        w.csv.value = value
+        assert notes[-1][0] == "error" and notes[-1][1].startswith("Retrain: cannot load slides.csv: ")
+        assert notes[-1][1].endswith(words) and len(w.rows()) == 3  # the table is left as it was
+    w.out.value = bad
+    w.run_btn.native.click()
+    assert not w.running and notes[-1] == ("error", f"Retrain: output folder: {bad} exists and is not a folder")
+    w.out.value = tmp_path
+    w.finetune.value = True
+    w.run_btn.native.click()
+    assert not w.running and notes[-1] == ("error", "Retrain: fine-tuning needs a checkpoint file (.pt): none chosen")
+    w.finetune.value = False
     w.run_btn.native.click()
     assert w.running
     # the blank row went out of the table, so the rows the error names are the rows shown

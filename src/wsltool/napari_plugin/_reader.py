@@ -8,6 +8,7 @@ World coordinates are micrometres whenever the slide's mpp is known: a slide lay
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,9 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
     """
     import dask.array as da
 
+    from wsltool.errors import SlideReadError
     from wsltool.slide import open_slide
+    from wsltool.slide.base import BACKGROUND
 
     slide = open_slide(path, mpp=mpp)
     # a unique name per call: napari's dask cache must never serve chunks of another file (or of an
@@ -61,6 +64,7 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
     token = uuid.uuid4().hex[:12]
     levels = []
     last_w = None
+    reported: set[int] = set()
     for lvl, (w, h) in enumerate(slide.level_dimensions):
         if lvl > 0 and (min(w, h) < MIN_LEVEL_SIDE or (last_w is not None and w >= last_w)):
             break
@@ -68,7 +72,15 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
         def read(block_info: dict[Any, Any] | None = None, _lvl: int = lvl) -> np.ndarray:
             assert block_info is not None
             (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-            return slide._read_level_padded(_lvl, x0, y0, x1 - x0, y1 - y0)
+            try:
+                return slide._read_level_padded(_lvl, x0, y0, x1 - x0, y1 - y0)
+            except SlideReadError as exc:
+                # damaged tiles: shown as glass, said once per level (an exception here would surface in
+                # napari's slicing, after the layer was added, and leave it half-built)
+                if _lvl not in reported:
+                    reported.add(_lvl)
+                    _report(f"{exc}; shown blank", warning=True)
+                return np.full((y1 - y0, x1 - x0, 3), BACKGROUND, np.uint8)
 
         chunks = da.core.normalize_chunks((SLIDE_CHUNK, SLIDE_CHUNK, 3), (h, w, 3))
         levels.append(da.map_blocks(read, dtype=np.uint8, chunks=chunks, name=f"wsltool-slide-{token}-{lvl}"))
@@ -77,8 +89,44 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
     return levels, {"scale": (mpp_used, mpp_used), "info": slide.info()}
 
 
-def get_slide_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook: a reader function for slides ``open_slide`` accepts, else ``None``."""
+#: Extensions only slides have: a file named so that no backend opens is reported (a ``.tif`` or ``.dcm`` that
+#: is not a slide is left to napari's other readers).
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
+
+
+def _report(message: str, *, warning: bool = False) -> None:
+    """One line in napari's notifications (and the log)."""
+    from napari.utils.notifications import show_error, show_warning
+
+    (log.warning if warning else log.error)("%s", message)
+    (show_warning if warning else show_error)(message)
+
+
+def _naming(exc: BaseException, path: str | Path) -> str:
+    """``exc`` as one line that names ``path``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def _refusal(message: str) -> Callable[[Any], list[Any]]:
+    """A reader function that reports ``message`` and adds nothing (napari's ``[(None,)]``).
+
+    Raising instead would reach the user as an error toast with a traceback.
+    """
+
+    def refuse(_path: Any) -> list[Any]:
+        _report(message)
+        return [(None,)]
+
+    return refuse
+
+
+def get_slide_reader(path: str | list[str]) -> Callable[[Any], list[Any]] | None:
+    """npe2 reader hook: a reader function for slides ``open_slide`` accepts, else ``None``.
+
+    A file with a slide-only extension (:data:`SLIDE_ONLY_SUFFIXES`) that no backend accepts gets a reader that
+    reports why (empty, not a slide, ...) in one line, rather than napari's "refused the file".
+    """
     if isinstance(path, list):
         return None
     from wsltool.errors import WslError
@@ -86,9 +134,41 @@ def get_slide_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] 
 
     try:
         choose_backend(path)
-    except (WslError, OSError):
+    except (WslError, OSError) as exc:
+        if Path(path).suffix.lower() in SLIDE_ONLY_SUFFIXES:
+            return _refusal(_naming(exc, path))
         return None
-    return read_slide
+    return open_slide_layers
+
+
+def open_slide_layers(path: str | list[str]) -> list[Any]:
+    """npe2 reader function: :func:`read_slide`, a slide it cannot open reported in one line (no layer)."""
+    from wsltool.errors import WslError
+
+    p = str(path[0] if isinstance(path, list) else path)
+    heard = _Warnings()
+    logging.getLogger("wsltool").addHandler(heard)
+    try:
+        return read_slide(p)
+    except (WslError, OSError) as exc:
+        return _refusal(_naming(exc, p))(p)
+    finally:
+        logging.getLogger("wsltool").removeHandler(heard)
+        for message in heard.messages:  # e.g. a file cut short whose level 0 is whole: it opens, with a word
+            _report(message, warning=True)
+
+
+class _Warnings(logging.Handler):
+    """Collects the warnings wsltool logs in this thread while attached (shown in napari, not only logged)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(" ".join(record.getMessage().split()))
 
 
 def read_slide(path: str | list[str], mpp: float | None = None) -> list[LayerData]:
@@ -236,13 +316,31 @@ def store_layers(path: str | Path, *, opacity: float = 0.7, name: str | None = N
     return out
 
 
-def read_store(path: str | list[str]) -> list[LayerData]:
-    """npe2 reader function for heatmap stores."""
-    return store_layers(path[0] if isinstance(path, list) else path)
+def read_store(path: str | list[str]) -> list[Any]:
+    """npe2 reader function for heatmap stores; a store it cannot open is reported in one line (no layer)."""
+    p = str(path[0] if isinstance(path, list) else path)
+    try:
+        return store_layers(p)
+    except Exception as exc:  # any failure of a damaged store: one line, not a toast with a traceback
+        return _refusal(_naming(exc, p))(p)
 
 
-def get_store_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook for wsltool heatmap stores (``*.zarr`` folders); ``None`` for anything else."""
-    if isinstance(path, list) or not is_store(path):
+def get_store_reader(path: str | list[str]) -> Callable[[Any], list[Any]] | None:
+    """npe2 reader hook for wsltool heatmap stores (``*.zarr`` folders); ``None`` for anything else.
+
+    A ``*.zarr`` folder whose ``zarr.json`` cannot be read as JSON gets a reader that says so; a readable group
+    without wsltool attributes (another tool's OME-Zarr) is left to other readers.
+    """
+    if isinstance(path, list):
+        return None
+    meta = Path(path) / "zarr.json"
+    if meta.is_file() and not is_store(path):
+        import json
+
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError) as exc:
+            return _refusal(f"{meta}: cannot be read as JSON ({type(exc).__name__}); the store's metadata is damaged")
+    if not is_store(path):
         return None
     return read_store

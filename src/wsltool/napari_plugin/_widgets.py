@@ -54,6 +54,48 @@ def _notify(msg: str, kind: str = "error") -> None:
     getattr(notifications, f"show_{kind}")(msg)
 
 
+def _file_problem(txt: str, suffix: str | None = None) -> str | None:
+    """Why the text of a file field does not name a usable file (``suffix``: the ending it needs), or None."""
+    if txt in ("", "."):  # magicgui shows an empty field as "."
+        return "none chosen"
+    p = Path(txt)
+    if p.is_dir():
+        return f"{txt} is a folder, not a file"
+    if not p.is_file():
+        return f"{txt} not found"
+    if suffix is not None and p.suffix != suffix:
+        return f"{txt} is not a {suffix} file"
+    return None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why runs cannot be written under ``folder`` (created if missing), or None."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} exists and is not a folder"
+    parent = next((q for q in (folder, *folder.parents) if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
+
+
+def _other_slides_store(store: Path, slide: str) -> str | None:
+    """The slide whose heatmap ``store`` holds when that is not ``slide`` (a store to keep), else None."""
+    from wsltool.errors import StoreError
+    from wsltool.store import HeatmapStore
+
+    if not store.is_dir():
+        return None
+    try:
+        other = (HeatmapStore.open(store).provenance.get("slide") or {}).get("path")
+    except StoreError:
+        return None  # not a store (the run refuses it by itself), or a damaged one (the run replaces it)
+    if other and Path(other).resolve() != Path(slide).resolve():
+        return str(other)
+    return None
+
+
 def _slide_layers(viewer: napari.Viewer) -> list[Any]:
     return [ly for ly in viewer.layers if (ly.metadata.get("wsltool") or {}).get("kind") == "slide"]
 
@@ -182,8 +224,9 @@ class LocalizeWidget(_JobHost, Container):
         info = layer.metadata["wsltool"]
         model_txt = str(self.model.value or "")
         model = Path(model_txt)
-        if model_txt in ("", ".") or not model.is_file() or model.suffix != ".pt":
-            _notify(f"Localize: choose a checkpoint file (.pt); {model_txt or 'nothing'} is not one")
+        problem = _file_problem(model_txt, ".pt")
+        if problem:
+            _notify(f"Localize: choose a checkpoint file (.pt): {problem}")
             return
         if info.get("mpp") is None and not self.slide_mpp.value:
             _notify(
@@ -195,6 +238,10 @@ class LocalizeWidget(_JobHost, Container):
         out = Path(out_txt) if out_txt not in ("", ".") else Path(info["path"]).with_suffix(".wsltool.zarr")
         if out.suffix != ".zarr":
             out = out / (Path(info["path"]).stem + ".zarr")
+        other = _other_slides_store(out, str(info["path"]))
+        if other is not None:  # re-localizing a slide replaces its own store, never another slide's
+            _notify(f"Localize: {out} holds the heatmap of {other}; choose another output, or delete that store")
+            return
         self.store = out.absolute()
         if self.slide_mpp.value:  # the heatmap comes in micrometres at this mpp: put the slide there too
             mpp = float(self.slide_mpp.value)
@@ -462,7 +509,11 @@ class RetrainWidget(_JobHost, Container):
 
         txt = str(self.csv.value or "")
         p = Path(txt)
-        if txt in ("", ".") or not p.is_file():
+        if txt in ("", "."):
+            return
+        problem = _file_problem(txt)
+        if problem:
+            _notify(f"Retrain: cannot load slides.csv: {problem}")
             return
         try:
             items = read_labels(p)
@@ -495,12 +546,18 @@ class RetrainWidget(_JobHost, Container):
         init = None
         if self.finetune.value:
             txt = str(self.init.value or "")
-            if txt in ("", ".") or not Path(txt).is_file():
-                _notify(f"Retrain: fine-tuning needs a checkpoint file; {txt or 'nothing'} is not one")
+            problem = _file_problem(txt, ".pt")
+            if problem:
+                _notify(f"Retrain: fine-tuning needs a checkpoint file (.pt): {problem}")
                 return
             init = str(Path(txt).absolute())
         out_txt = str(self.out.value or "")
-        base = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir()) / "wsltool-retrain"
+        folder = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir())
+        problem = _folder_problem(folder.absolute())
+        if problem:
+            _notify(f"Retrain: output folder: {problem}")
+            return
+        base = folder / "wsltool-retrain"
         out = next_free_dir(base)  # an earlier model stays: wsltool-retrain, wsltool-retrain-2, ...
         self.history = []
         self.log.value = ""
