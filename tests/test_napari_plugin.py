@@ -422,6 +422,25 @@ def test_localize_bad_input_notifies(
         f"Localize: {other} holds the heatmap of {tmp_path}/another.svs; choose another output, or delete that store",
     )
     assert (other / "zarr.json").read_bytes() == kept
+    # the same slide moved or copied together with its store is the same slide (same bytes)
+    import shutil
+
+    from wsltool.napari_plugin._widgets import _other_slides_store
+
+    copy = shutil.copy(small_slide, tmp_path / "copy.svs")
+    with open_slide(small_slide) as sl:
+        fp = sl.fingerprint()
+    same = tmp_path / "same.zarr"
+    HeatmapStore.create(
+        same,
+        shape_yx=(8, 8),
+        out_mpp=4.0,
+        slide_mpp=0.5,
+        channel_names=["M+", "benign", "malignant"],
+        provenance={"slide": {"path": str(small_slide), "fingerprint": fp}},
+        chunk=16,
+    )
+    assert _other_slides_store(same, str(copy)) is None and _other_slides_store(other, str(copy)) is not None
     # a slide without mpp: a message that says so and what to do
     viewer.layers.clear()
     viewer.open(str(nompp_slide), plugin="wsltool")
@@ -529,8 +548,11 @@ def test_retrain_failure_names_the_rows_shown(
     w.set_rows([(str(slides[0]), "benign"), ("", ""), (str(bad), "malignant"), (str(slides[1]), "malignant")])
     # a slides.csv that is not there, or a folder; an output folder that is a file; fine-tuning with no checkpoint
     for value, words in ((tmp_path / "nope.csv", "nope.csv not found"), (tmp_path, "is a folder, not a file")):
-        w.csv.value = value
-        assert notes[-1][0] == "error" and notes[-1][1].startswith("Retrain: cannot load slides.csv: ")
+        before = len(notes)
+        w.csv.value = value  # as each keystroke would: nothing said while a path is being typed ...
+        assert len(notes) == before
+        w.csv.line_edit.native.editingFinished.emit()  # ... then once, when the typing ends
+        assert len(notes) == before + 1 and notes[-1][1].startswith("Retrain: cannot load slides.csv: ")
         assert notes[-1][1].endswith(words) and len(w.rows()) == 3  # the table is left as it was
     w.out.value = bad
     w.run_btn.native.click()
@@ -538,10 +560,10 @@ def test_retrain_failure_names_the_rows_shown(
     w.out.value = tmp_path
     w.finetune.value = True
     w.run_btn.native.click()
-    assert not w.running and notes[-1] == ("error", "Retrain: fine-tuning needs a checkpoint file (.pt): none chosen")
+    assert not w.running and notes[-1] == ("error", "Retrain: fine-tuning needs a checkpoint file: none chosen")
     w.finetune.value = False
     w.run_btn.native.click()
-    assert w.running
+    assert w.running and not w.table.enabled and not w.csv.enabled  # the rows a failure names stay put
     # the blank row went out of the table, so the rows the error names are the rows shown
     assert w.rows() == [(str(slides[0]), "benign"), (str(bad), "malignant"), (str(slides[1]), "malignant")]
     assert list(w.table.row_headers) == [1, 2, 3] and w.table.data.to_list()[1][0] == str(bad)
@@ -550,6 +572,7 @@ def test_retrain_failure_names_the_rows_shown(
     assert kind == "error" and msg.startswith(f"Retrain: the Retrain table: 1 problem(s): row 2: {bad}: not a slide")
     assert "slides.csv" not in msg and w.status.value == "failed"
     assert not (tmp_path / "wsltool-retrain").exists()
+    assert w.table.enabled and w.csv.enabled and w.add_open.enabled
 
 
 def test_retrain_cancel(

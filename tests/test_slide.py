@@ -353,6 +353,34 @@ def test_corrupt_tiles(tmp_path: Path, content: SyntheticContent) -> None:
         np.testing.assert_array_equal(s.read_region(0, 0, 512, 256), intact)
 
 
+def test_one_damaged_tile_fails_only_its_own_reads_under_threads(tmp_path: Path) -> None:
+    """OpenSlide stores an error on the handle: reads of intact tiles racing a damaged one must not fail too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    p = write_svs(tmp_path / "one_bad.svs", rng.integers(0, 255, (2048, 4096, 3), np.uint8), factors=())
+    with tifffile.TiffFile(p) as tf:
+        off, n = tf.pages[0].dataoffsets[37], tf.pages[0].databytecounts[37]  # row 2, column 5 of 16
+    raw = bytearray(p.read_bytes())
+    raw[off + 2 : off + n] = bytes(n - 2)
+    p.write_bytes(bytes(raw))
+    tiles = [(x, y) for y in range(0, 2048, 256) for x in range(0, 4096, 256)]
+    for _ in range(3):
+        s = open_slide(p, backend="openslide")
+
+        def read(xy: tuple[int, int], s: Slide = s) -> tuple[int, int] | None:
+            try:
+                s.read_region(xy[0], xy[1], 256, 256)
+            except SlideReadError:
+                return xy
+            return None
+
+        with ThreadPoolExecutor(8) as pool:
+            failed = [xy for xy in pool.map(read, tiles) if xy is not None]
+        assert failed == [(5 * 256, 2 * 256)]
+        s.close()
+
+
 @pytest.mark.parametrize("width", [0, 20_000_000])
 def test_absurd_dimensions(tmp_path: Path, width: int) -> None:
     p = tmp_path / f"absurd{width}.tif"

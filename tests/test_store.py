@@ -325,7 +325,9 @@ def test_open_errors(tmp_path: Path) -> None:
     [
         (lambda p: shutil.rmtree(p / "1"), "level array '1' missing"),
         (lambda p: (p / "0" / "zarr.json").unlink(), "level array '0' missing"),
-        (lambda p: shutil.rmtree(p / "labels" / "mask"), "label image 'mask' missing"),
+        (lambda p: shutil.rmtree(p / "labels" / "mask"), "label image 'mask' missing or unreadable"),
+        (lambda p: (p / "labels" / "zarr.json").write_text("{"), "label image 'mask' missing or unreadable"),
+        (lambda p: (p / "0" / "zarr.json").write_text("{"), "level array '0' unreadable (JSONDecodeError)"),
         (lambda p: shutil.rmtree(p / "labels" / "tissue" / "2"), "level array '2' of label image 'tissue' missing"),
         (lambda p: _edit_attrs(p, lambda w: w.pop("grid")), "wsltool attribute 'grid' missing"),
         (lambda p: _edit_attrs(p, lambda w: w["grid"].pop("chunk")), "wsltool attribute 'grid.chunk' missing"),
@@ -345,6 +347,21 @@ def test_a_damaged_store_is_refused_at_open_naming_what_is_missing(
     with pytest.raises(StoreError) as ei:
         HeatmapStore.open(p)
     assert str(ei.value) == f"{p}: corrupt heatmap store: {problem}"
+    # infer's resume finds it in the way: the message says how to replace it
+    with pytest.raises(StoreExistsError, match=r"; use --overwrite to replace it$"):
+        create(p, shape=(70, 110), chunk=16, resume=True)
+
+
+def test_a_store_interrupted_while_being_created_is_named_so(tmp_path: Path) -> None:
+    p = tmp_path / "h.zarr"
+    create(p, shape=(70, 110), chunk=16)
+    meta = json.loads((p / "zarr.json").read_text())
+    del meta["attributes"]["ome"]  # killed before the multiscales metadata and the level arrays were written
+    (p / "zarr.json").write_text(json.dumps(meta))
+    shutil.rmtree(p / "0")
+    with pytest.raises(StoreError, match="interrupted while being created, before any data"):
+        HeatmapStore.open(p)
+    assert not create(p, shape=(70, 110), chunk=16, resume=True).complete  # and a run starts it over
 
 
 def _edit_attrs(p: Path, edit: Callable[[dict[str, Any]], object]) -> None:

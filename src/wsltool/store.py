@@ -351,7 +351,11 @@ class HeatmapStore:
                     )
                     raise StoreExistsError(msg)
                 logger.info("%s: complete store with the same settings found; nothing to resume", path)
-                return cls.open(path)
+                try:
+                    return cls.open(path)
+                except StoreError as exc:
+                    msg = f"{exc}; use --overwrite to replace it"
+                    raise StoreExistsError(msg) from exc
             if not overwrite:
                 msg = f"{path}: a complete heatmap store is in the way; use --overwrite to replace it"
                 raise StoreExistsError(msg)
@@ -529,7 +533,11 @@ class HeatmapStore:
         return store
 
     def _layout_problem(self) -> str | None:
-        """What is missing from an opened store that its attributes promise (metadata only), or None."""
+        """What is missing or unreadable in an opened store that its attributes promise, or None.
+
+        Metadata only (a few small ``zarr.json`` reads): a missing chunk is not found here (zarr reads it as
+        the fill value, as it does the chunks a store never had to write).
+        """
         for key, subkeys in (
             ("grid", ("shape_yx", "chunk", "channel_names", "out_mpp", "slide_mpp")),
             ("progress", ("n_bands", "final_bands")),
@@ -542,23 +550,21 @@ class HeatmapStore:
             missing = [k for k in subkeys if k not in value]
             if missing:
                 return f"wsltool attribute '{key}.{missing[0]}' missing"
-        try:
-            paths = [d["path"] for d in self._ome(self._group)["multiscales"][0]["datasets"]]
-        except (KeyError, IndexError, TypeError, StoreError):
-            return "no OME multiscales metadata"
-        for path in paths:  # create() makes every level's array; finalize() fills the pyramid
-            if not isinstance(self._group.get(path), zarr.Array):
-                return f"level array {path!r} missing"
+        if not self.complete and not self._created():
+            return "interrupted while being created, before any data (run it again to start over)"
+        levels, problem = _level_arrays(self._group, "")
+        if problem:
+            return problem
+        self._levels = levels
         if self.complete:
             for name in ("mask", "tissue"):
                 try:
-                    g = _subgroup(_subgroup(self._group, "labels"), name)
-                    label_paths = [d["path"] for d in self._ome(g)["multiscales"][0]["datasets"]]
-                except (KeyError, IndexError, TypeError, StoreError):
-                    return f"label image {name!r} missing"
-                for path in label_paths:
-                    if not isinstance(g.get(path), zarr.Array):
-                        return f"level array {path!r} of label image {name!r} missing"
+                    group = _subgroup(_subgroup(self._group, "labels"), name)
+                except Exception:  # missing (KeyError), damaged zarr.json (ValueError), not a group (StoreError)
+                    return f"label image {name!r} missing or unreadable"
+                _, problem = _level_arrays(group, f" of label image {name!r}")
+                if problem:
+                    return problem
         return None
 
     # ------------------------------------------------------------------ properties
@@ -1168,6 +1174,24 @@ def _attr(group: zarr.Group, key: str) -> dict[str, Any]:
         msg = f"{group.store_path}: attribute {key!r} is not a mapping"
         raise StoreError(msg)
     return dict(value)
+
+
+def _level_arrays(group: zarr.Group, where: str) -> tuple[list[zarr.Array], str | None]:
+    """The multiscale arrays of ``group``, or what is missing or unreadable among them (``where``: for the message)."""
+    try:
+        paths = [str(d["path"]) for d in _attr(group, "ome")["multiscales"][0]["datasets"]]
+    except Exception:  # no or damaged OME metadata: KeyError, IndexError, TypeError, StoreError
+        return [], f"OME multiscales metadata{where} missing or unreadable"
+    arrays = []
+    for path in paths:
+        try:
+            node = group.get(path)
+        except Exception as exc:  # a damaged zarr.json: ValueError (JSON), zarr's metadata errors
+            return [], f"level array {path!r}{where} unreadable ({type(exc).__name__})"
+        if not isinstance(node, zarr.Array):
+            return [], f"level array {path!r}{where} missing"
+        arrays.append(node)
+    return arrays, None
 
 
 def _subgroup(group: zarr.Group, name: str) -> zarr.Group:

@@ -65,6 +65,7 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
     levels = []
     last_w = None
     reported: set[int] = set()
+    reported_lock = threading.Lock()  # napari may slice in several threads
     for lvl, (w, h) in enumerate(slide.level_dimensions):
         if lvl > 0 and (min(w, h) < MIN_LEVEL_SIDE or (last_w is not None and w >= last_w)):
             break
@@ -77,8 +78,10 @@ def slide_pyramid(path: str | Path, mpp: float | None = None) -> tuple[list[Any]
             except SlideReadError as exc:
                 # damaged tiles: shown as glass, said once per level (an exception here would surface in
                 # napari's slicing, after the layer was added, and leave it half-built)
-                if _lvl not in reported:
+                with reported_lock:
+                    first = _lvl not in reported
                     reported.add(_lvl)
+                if first:
                     _report(f"{exc}; shown blank", warning=True)
                 return np.full((y1 - y0, x1 - x0, 3), BACKGROUND, np.uint8)
 
@@ -338,7 +341,7 @@ def get_store_reader(path: str | list[str]) -> Callable[[Any], list[Any]] | None
         import json
 
         try:
-            json.loads(meta.read_text())
+            json.loads(meta.read_bytes())
         except (OSError, ValueError) as exc:
             return _refusal(f"{meta}: cannot be read as JSON ({type(exc).__name__}); the store's metadata is damaged")
     if not is_store(path):

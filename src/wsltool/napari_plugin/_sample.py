@@ -22,15 +22,19 @@ def make_sample(folder: Path) -> tuple[Path, Path]:
     """Write ``sample.svs`` and ``sample.zarr`` into ``folder`` (reused when present)."""
     from scipy import ndimage
 
+    from wsltool.errors import StoreError
     from wsltool.infer.stitch import Stitcher
     from wsltool.store import HeatmapStore
     from wsltool.testing import he_tissue, write_svs
 
     slide, store = folder / "sample.svs", folder / "sample.zarr"
     if slide.exists() and store.exists():
-        st = HeatmapStore.open(store)
-        if st.complete and st.provenance.get("sample_version") == SAMPLE_VERSION:
-            return slide, store
+        try:
+            st = HeatmapStore.open(store)
+            if st.complete and st.provenance.get("sample_version") == SAMPLE_VERSION:
+                return slide, store
+        except StoreError:  # damaged or interrupted: made again below
+            pass
     c = he_tissue(1536, 2048, seed=3, lesion_fraction=0.2)
     write_svs(slide, c.rgb, mpp=0.5)
     f = 8  # heatmap pixel = 8 slide pixels = 4 um

@@ -63,7 +63,7 @@ def _file_problem(txt: str, suffix: str | None = None) -> str | None:
         return f"{txt} is a folder, not a file"
     if not p.is_file():
         return f"{txt} not found"
-    if suffix is not None and p.suffix != suffix:
+    if suffix is not None and p.suffix.lower() != suffix:
         return f"{txt} is not a {suffix} file"
     return None
 
@@ -82,18 +82,25 @@ def _folder_problem(folder: Path) -> str | None:
 
 def _other_slides_store(store: Path, slide: str) -> str | None:
     """The slide whose heatmap ``store`` holds when that is not ``slide`` (a store to keep), else None."""
-    from wsltool.errors import StoreError
+    from wsltool.slide import open_slide
     from wsltool.store import HeatmapStore
 
     if not store.is_dir():
         return None
     try:
-        other = (HeatmapStore.open(store).provenance.get("slide") or {}).get("path")
-    except StoreError:
-        return None  # not a store (the run refuses it by itself), or a damaged one (the run replaces it)
-    if other and Path(other).resolve() != Path(slide).resolve():
-        return str(other)
-    return None
+        recorded = HeatmapStore.open(store).provenance.get("slide") or {}
+    except Exception:  # not a store (the run refuses it), or a damaged one (the run replaces it)
+        return None
+    other = recorded.get("path")
+    if not other or Path(other).resolve() == Path(slide).resolve():
+        return None
+    try:  # the same slide moved or copied along with its store: the same bytes
+        with open_slide(slide) as s:
+            if recorded.get("fingerprint") and s.fingerprint() == recorded["fingerprint"]:
+                return None
+    except Exception:  # the run reports a slide it cannot open
+        return None
+    return str(other)
 
 
 def _slide_layers(viewer: napari.Viewer) -> list[Any]:
@@ -473,6 +480,7 @@ class RetrainWidget(_JobHost, Container):
         )
         self.add_open.changed.connect(self.add_open_slides)
         self.csv.changed.connect(self.load_csv)
+        self.csv.line_edit.native.editingFinished.connect(self._csv_typed)
         self.run_btn.changed.connect(self.start)
         self.cancel_btn.changed.connect(self.cancel)
         self.job: ProcessJob | None = None
@@ -503,17 +511,17 @@ class RetrainWidget(_JobHost, Container):
         self.set_rows(self.rows() + [r for r in new if r[0] not in have])
 
     def load_csv(self, _v: Any = None) -> None:
-        """Fill the table from a ``path,label[,split]`` CSV (paths relative to the CSV)."""
+        """Fill the table from a ``path,label[,split]`` CSV (paths relative to the CSV).
+
+        Called on every change of the field, so as soon as it names a file; while a path is being typed it
+        names none yet, and nothing is said until the typing ends (:meth:`_csv_typed`).
+        """
         from wsltool.errors import LabelsError
         from wsltool.train.labels import read_labels
 
         txt = str(self.csv.value or "")
         p = Path(txt)
-        if txt in ("", "."):
-            return
-        problem = _file_problem(txt)
-        if problem:
-            _notify(f"Retrain: cannot load slides.csv: {problem}")
+        if txt in ("", ".") or not p.is_file():
             return
         try:
             items = read_labels(p)
@@ -521,6 +529,17 @@ class RetrainWidget(_JobHost, Container):
             _notify(f"Retrain: {exc}")
             return
         self.set_rows([(str(it.path), it.label) for it in items])
+
+    def _csv_typed(self) -> None:
+        """Typing in the slides.csv field has ended: say why the text names no file to load."""
+        txt = str(self.csv.value or "")
+        problem = None if txt in ("", ".") else _file_problem(txt)
+        if problem:
+            _notify(f"Retrain: cannot load slides.csv: {problem}")
+
+    def _inputs_enabled(self, enabled: bool) -> None:
+        """The table and what fills it: fixed while a run trains from them (its errors name their rows)."""
+        self.table.enabled = self.csv.enabled = self.add_open.enabled = enabled
 
     def start(self, _v: Any = None) -> None:
         """Check the table and start training in a worker process."""
@@ -546,9 +565,9 @@ class RetrainWidget(_JobHost, Container):
         init = None
         if self.finetune.value:
             txt = str(self.init.value or "")
-            problem = _file_problem(txt, ".pt")
+            problem = _file_problem(txt)
             if problem:
-                _notify(f"Retrain: fine-tuning needs a checkpoint file (.pt): {problem}")
+                _notify(f"Retrain: fine-tuning needs a checkpoint file: {problem}")
                 return
             init = str(Path(txt).absolute())
         out_txt = str(self.out.value or "")
@@ -578,6 +597,7 @@ class RetrainWidget(_JobHost, Container):
             _notify(f"Retrain: cannot start the worker process: {exc}")
             return
         self.run_btn.enabled, self.cancel_btn.enabled = False, True
+        self._inputs_enabled(False)
         self.status.value = "training..."
         self._timer.start()
 
@@ -623,3 +643,4 @@ class RetrainWidget(_JobHost, Container):
         if self.job.finished:
             self._timer.stop()
             self.run_btn.enabled, self.cancel_btn.enabled = True, False
+            self._inputs_enabled(True)

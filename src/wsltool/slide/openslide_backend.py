@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +57,7 @@ class OpenSlideSlide(Slide):
             properties=props,
             associated=tuple(self._osr.associated_images.keys()),
         )
+        self._reopen_lock = threading.Lock()
         super().__init__(path, meta, mpp)
         self._probe()
 
@@ -65,29 +68,47 @@ class OpenSlideSlide(Slide):
         self._cache_bytes = int(nbytes)
         self._osr.set_cache(openslide.OpenSlideCache(self._cache_bytes))
 
-    def _reopen(self) -> None:
-        """Replace the OpenSlide handle by a fresh one (same file, same cache size); kept as is if that fails."""
+    def _reopen(self, failed: Any) -> None:
+        """Replace the handle ``failed`` by a fresh one (same file, same cache size), once.
+
+        OpenSlide keeps an error on the handle: every later call through it fails, intact tiles included, in
+        every thread.  Only the first thread to see ``failed`` fail replaces it; the old handle closes when the
+        last thread reading through it lets go.  Kept as is if the file no longer opens.
+        """
         import openslide
 
-        try:
-            osr = openslide.OpenSlide(str(self.path))
-            if getattr(self, "_cache_bytes", None):
-                osr.set_cache(openslide.OpenSlideCache(self._cache_bytes))
-        except openslide.OpenSlideError:
-            return
-        self._osr = osr
+        with self._reopen_lock:
+            if self._osr is not failed:
+                return  # another thread has replaced it already
+            try:
+                osr = openslide.OpenSlide(str(self.path))
+                if getattr(self, "_cache_bytes", None):
+                    osr.set_cache(openslide.OpenSlideCache(self._cache_bytes))
+            except openslide.OpenSlideError:
+                return
+            self._osr = osr
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 
         ds = self.level_downsamples[level]
+        location, size = (round(x * ds), round(y * ds)), (w, h)
+        osr = self._osr
         try:
-            img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
-        except openslide.OpenSlideError as exc:
-            # OpenSlide leaves a handle that failed once failing every later call, intact tiles and levels too:
-            # read on through a fresh one (the old one closes when no other thread holds it)
-            self._reopen()
-            raise SlideReadError(self.path, f"cannot read pixels at level {level} ({exc})") from exc
+            img = osr.read_region(location, level, size)
+        except openslide.OpenSlideError:
+            # the error may be another thread's damaged tile, stored on the shared handle: replace that handle,
+            # and read once more through a handle of this read's own, which nothing else can spoil
+            self._reopen(osr)
+            own = None
+            try:
+                own = openslide.OpenSlide(str(self.path))
+                img = own.read_region(location, level, size)
+            except openslide.OpenSlideError as exc:
+                raise SlideReadError(self.path, f"cannot read pixels at level {level} ({exc})") from exc
+            finally:
+                if own is not None:
+                    own.close()
         rgba = np.asarray(img)
         alpha = rgba[..., 3:4]
         if alpha.min() == 255:
