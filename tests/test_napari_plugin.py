@@ -482,6 +482,13 @@ RETRAIN_FAST = {
 }
 
 
+def _retrain_widget(viewer: Any) -> RetrainWidget:
+    """A Retrain widget with small, fast settings, docked in ``viewer``."""
+    w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
+    viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    return w
+
+
 def test_retrain_end_to_end_sets_localize_checkpoint(
     make_napari_viewer: Callable[..., Any],
     qtbot: Any,
@@ -491,8 +498,7 @@ def test_retrain_end_to_end_sets_localize_checkpoint(
 ) -> None:
     viewer = make_napari_viewer()
     _, loc = viewer.window.add_plugin_dock_widget("wsltool", "Localize")
-    w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
-    viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    w = _retrain_widget(viewer)
     assert Path(w.out.value) == Path(tempfile.gettempdir())  # default: runs go to <tmp>/wsltool-retrain[-N]
     # too few rows: a notification, no job
     w.run_btn.native.click()
@@ -532,8 +538,7 @@ def test_retrain_failure_names_the_rows_shown(
     notes: list[tuple[str, str]],
 ) -> None:
     viewer = make_napari_viewer()
-    w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
-    viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    w = _retrain_widget(viewer)
     slides = sorted(cohort.glob("*.svs"))
     bad = tmp_path / "notes.svs"
     bad.write_text("not a slide")
@@ -584,8 +589,7 @@ def test_retrain_cancel(
     notes: list[tuple[str, str]],
 ) -> None:
     viewer = make_napari_viewer()
-    w = RetrainWidget(viewer, **RETRAIN_FAST)  # type: ignore[arg-type]
-    viewer.window.add_dock_widget(w, name="Retrain (fast)")
+    w = _retrain_widget(viewer)
     # rows from the open slides, with the label chosen for them
     viewer.open(str(small_slide), plugin="wsltool")
     w.labels_txt.value = "malignant"
