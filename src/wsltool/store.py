@@ -550,9 +550,9 @@ class HeatmapStore:
             missing = [k for k in subkeys if k not in value]
             if missing:
                 return f"wsltool attribute '{key}.{missing[0]}' missing"
-        if not self.complete and not self._created():
-            return "interrupted while being created, before any data (run it again to start over)"
         levels, problem = _level_arrays(self._group, "")
+        if problem and not self.complete:  # its arrays were never all made: _create_fresh did not finish
+            return "interrupted while being created, before any data (run it again to start over)"
         if problem:
             return problem
         self._levels = levels

@@ -336,14 +336,15 @@ def get_store_reader(path: str | list[str]) -> Callable[[Any], list[Any]] | None
     """
     if isinstance(path, list):
         return None
-    meta = Path(path) / "zarr.json"
-    if meta.is_file() and not is_store(path):
-        import json
+    import json
 
-        try:
-            json.loads(meta.read_bytes())
-        except (OSError, ValueError) as exc:
-            return _refusal(f"{meta}: cannot be read as JSON ({type(exc).__name__}); the store's metadata is damaged")
-    if not is_store(path):
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
         return None
-    return read_store
+    try:
+        attrs = json.loads(meta.read_bytes()).get("attributes")
+    except (OSError, ValueError) as exc:
+        return _refusal(f"{meta}: cannot be read as JSON ({type(exc).__name__}); the store's metadata is damaged")
+    except AttributeError:  # valid JSON that is no zarr group metadata
+        return None
+    return read_store if isinstance(attrs, dict) and "wsltool" in attrs else None
