@@ -335,6 +335,14 @@ def test_open_errors(tmp_path: Path) -> None:
             lambda p: _edit_attrs(p, lambda w: w["progress"].pop("n_bands")),
             "wsltool attribute 'progress.n_bands' missing",
         ),
+        # a lost chunk would read as zeros (no malignancy there): 3 channels x 5 x 7 chunks at level 0
+        (lambda p: (p / "0" / "c" / "0" / "2" / "3").unlink(), "1 of 105 chunk files of array '0' missing"),
+        (lambda p: shutil.rmtree(p / "0" / "c" / "1"), "35 of 105 chunk files of array '0' missing"),
+        (
+            lambda p: (p / "labels" / "tissue" / "0" / "c" / "1" / "1").unlink(),
+            "1 of 24 chunk files of array 'labels/tissue/0' missing",
+        ),
+        (lambda p: shutil.rmtree(p / "wsltool" / "region_probs" / "c"), "of array 'wsltool/region_probs' missing"),
     ],
 )
 def test_a_damaged_store_is_refused_at_open_naming_what_is_missing(
@@ -346,10 +354,26 @@ def test_a_damaged_store_is_refused_at_open_naming_what_is_missing(
     damage(p)
     with pytest.raises(StoreError) as ei:
         HeatmapStore.open(p)
-    assert str(ei.value) == f"{p}: corrupt heatmap store: {problem}"
+    assert str(ei.value).startswith(f"{p}: corrupt heatmap store: ") and str(ei.value).endswith(problem)
+    assert "\n" not in str(ei.value)
     # infer's resume finds it in the way: the message says how to replace it
     with pytest.raises(StoreExistsError, match=r"; use --overwrite to replace it$"):
         create(p, shape=(70, 110), chunk=16, resume=True)
+
+
+def test_chunks_a_store_never_wrote_are_not_missing_and_older_stores_are_not_counted(tmp_path: Path) -> None:
+    # all-zero maps and an empty mask: zarr writes no chunk for them, and the store is whole
+    p = finished(tmp_path / "zero.zarr", 0.0, shape=(70, 110), chunk=16).path
+    counts = json.loads((p / "zarr.json").read_text())["attributes"]["wsltool"]["chunk_files"]
+    assert counts["0"] == 0 and counts["labels/mask/0"] == 0 and counts["labels/tissue/0"] == 24
+    opened = HeatmapStore.open(p)
+    assert opened.complete and np.all(opened.mplus() == 0)
+    assert np.array_equal(opened.tissue() > 0, np.pad(np.ones((50, 80), bool), ((10, 10), (20, 10))))
+    # a store finished before the count was recorded opens as before, even with a chunk gone
+    q = finished(tmp_path / "old.zarr", 0.25, shape=(70, 110), chunk=16).path
+    _edit_attrs(q, lambda w: w.pop("chunk_files"))
+    (q / "0" / "c" / "0" / "2" / "3").unlink()
+    assert HeatmapStore.open(q).complete
 
 
 def test_a_store_interrupted_while_being_created_is_named_so(tmp_path: Path) -> None:

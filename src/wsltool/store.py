@@ -17,9 +17,11 @@ slide_mpp)`` (napari puts pixel centres at ``index * scale``).
 ``attrs["wsltool"]`` holds ``format_version``, ``state`` (``"incomplete"`` until :meth:`finalize`
 sets ``"complete"`` as its very last write), ``grid``, ``provenance`` (given by the caller),
 ``progress`` (the resume record: which level-0 row bands are final, rewritten atomically after
-each band is written), ``result`` and ``threshold``.  Channel 0 is ``"M+"``, then one per class
-(``omero`` channel labels); values are float16 in [0, 1].  Pyramid levels are 2x2 means (odd edges:
-the mean of the pixels that exist); label levels take every other pixel.
+each band is written), ``result``, ``threshold`` and ``chunk_files`` (written by :meth:`finalize`:
+the chunk files of each array, which :meth:`open` counts again to refuse a store that lost some).
+Channel 0 is ``"M+"``, then one per class (``omero`` channel labels); values are float16 in [0, 1].
+Pyramid levels are 2x2 means (odd edges: the mean of the pixels that exist); label levels take every
+other pixel.
 
 This module imports neither torch nor Qt.
 """
@@ -535,8 +537,10 @@ class HeatmapStore:
     def _layout_problem(self) -> str | None:
         """What is missing or unreadable in an opened store that its attributes promise, or None.
 
-        Metadata only (a few small ``zarr.json`` reads): a missing chunk is not found here (zarr reads it as
-        the fill value, as it does the chunks a store never had to write).
+        Metadata (a few small ``zarr.json`` reads) and, in a complete store, the number of chunk files of each
+        array against the count :meth:`finalize` recorded: zarr would read a lost chunk as the fill value, as it
+        does the all-fill chunks a store never writes.  Stores written before the record (no ``chunk_files``)
+        are not counted.
         """
         for key, subkeys in (
             ("grid", ("shape_yx", "chunk", "channel_names", "out_mpp", "slide_mpp")),
@@ -565,6 +569,11 @@ class HeatmapStore:
                 _, problem = _level_arrays(group, f" of label image {name!r}")
                 if problem:
                     return problem
+            written = self._meta.get("chunk_files") or {}
+            for path, n in sorted(written.items()):
+                found = _chunk_files(self.path / path)
+                if found < n:
+                    return f"{n - found} of {n} chunk files of array {path!r} missing"
         return None
 
     # ------------------------------------------------------------------ properties
@@ -942,6 +951,8 @@ class HeatmapStore:
 
         self._io(self._build_pyramid, "building the pyramid")
         self._io(lambda: self._write_labels(tmask, float(threshold), tissue_mpp), "writing the labels")
+        # what was written, so that open() finds a chunk lost later (zarr would read it as the fill value)
+        self._meta["chunk_files"] = self._io(self._count_chunk_files, "counting the chunk files")
         self._meta["result"] = res
         self._meta["threshold"] = float(threshold)
         self._meta["provenance"] = {**self._meta["provenance"], **prov_update}
@@ -1030,6 +1041,12 @@ class HeatmapStore:
             )
             _set_multiscale_type(g, "nearest")
             write_label_metadata(labels, name, colors=_LABEL_COLORS[name], fmt=FormatV05(), source={"image": "../../"})
+
+    def _count_chunk_files(self) -> dict[str, int]:
+        """Chunk files on disk per array of the store (all-fill chunks are never written, so not every chunk)."""
+        root = self.write_path
+        arrays = [path for path, node in self._group.members(max_depth=None) if isinstance(node, zarr.Array)]
+        return {path: _chunk_files(root / path) for path in sorted(arrays)}
 
     def _tissue_index(
         self, tissue: np.ndarray | None, n: int, axis: int, tissue_mpp: float | None, r0: int = 0, r1: int | None = None
@@ -1192,6 +1209,12 @@ def _level_arrays(group: zarr.Group, where: str) -> tuple[list[zarr.Array], str 
             return [], f"level array {path!r}{where} missing"
         arrays.append(node)
     return arrays, None
+
+
+def _chunk_files(array_dir: Path) -> int:
+    """Files under an array's directory but its own ``zarr.json``: its chunks (0 when the directory is gone)."""
+    n = sum(len(files) for _, _, files in os.walk(array_dir))
+    return n - int((array_dir / "zarr.json").is_file())
 
 
 def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
