@@ -6,6 +6,10 @@ Each case is one an independent sweep of the CLI found giving a traceback, a sil
 from __future__ import annotations
 
 import csv as csvmod
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +220,56 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_split_behind(
     _err(capsys)
     assert (old / "splits.csv").read_text() == "an earlier run's split\n"
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt", "splits.csv"]
+
+
+def test_an_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in the first epoch of ``train --overwrite``: the earlier run is all there, as it was."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for i in range(10):  # 8 training images at crop 224 on a ResNet-18: the first epoch takes seconds
+        Image.fromarray(rng.integers(0, 255, (240, 240, 3), np.uint8)).save(tmp_path / f"im{i}.png")
+        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]},{'train' if i < 8 else 'valid'}")
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
+    args = [*code, "train", "--labels", str(tmp_path / "l.csv"), "--out", str(out), "--backbone", "resnet18"]
+    args += ["--pretrained", "none", "--crop", "224", "--batch-size", "2", "--epochs", "1", "--no-progress"]
+    subprocess.run(args, check=True, capture_output=True)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"best.pt", "last.pt", "history.jsonl"} <= set(earlier)
+    proc = subprocess.Popen([*args, "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".wsltool-replaced-") for p in out.iterdir()):
+        time.sleep(0.005)  # the earlier run is set aside: the new run has begun its first epoch
+    assert not (out / "last.pt").exists()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("wsltool train: interrupted"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # all of it, and nothing else aside
+
+
+def test_run_dir_puts_the_earlier_run_back_only_while_the_new_one_has_no_checkpoint(tmp_path: Path) -> None:
+    from wsltool.train.rundir import run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for n in ("best.pt", "last.pt", "history.jsonl"):
+        (out / n).write_text(f"earlier {n}")
+    (out / "notes.txt").write_text("not a run file")
+    with run_dir(out, overwrite=True):  # stopped early (no error) before a checkpoint: put back too
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "best.pt": "earlier best.pt",
+        "last.pt": "earlier last.pt",
+        "history.jsonl": "earlier history.jsonl",
+        "notes.txt": "not a run file",
+    }
+    with pytest.raises(KeyboardInterrupt), run_dir(out, overwrite=True):
+        (out / "last.pt").write_text("new last.pt")  # the new run's first checkpoint, then Ctrl-C
+        raise KeyboardInterrupt
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"last.pt": "new last.pt", "notes.txt": "not a run file"}
+    with run_dir(out, resume=True):  # resuming moves nothing
+        assert (out / "last.pt").read_text() == "new last.pt"
 
 
 def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from wsltool.models import build_model
 from wsltool.train.checkpoint import config_differences, model_differences, resume_training, save_checkpoint
 from wsltool.train.data import ImageSet
 from wsltool.train.labels import LabeledItem
-from wsltool.train.rundir import check_new_run, start_run_dir
+from wsltool.train.rundir import check_new_run, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -218,100 +218,100 @@ def fit(
         best_key = (saved_key[0], saved_key[1]) if saved_key else None
     train_set = ImageSet(train_items, class_names, crop=train_cfg.crop, color_jitter=train_cfg.color_jitter)
     valid_set = ImageSet(valid_items, class_names) if valid_items else None
-    start_run_dir(out, resume=resume, overwrite=overwrite)
-    t_start = time.perf_counter()
-    n_batches = math.ceil(len(train_set) / train_cfg.batch_size)
-    for epoch in range(start, train_cfg.epochs):
-        torch.manual_seed(train_cfg.seed * 100003 + epoch)  # reproducible per epoch, also after --resume
-        gen = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set,
-            batch_size=train_cfg.batch_size,
-            shuffle=True,
-            drop_last=len(train_set) > train_cfg.batch_size,
-            generator=gen,
-            num_workers=train_cfg.workers,
-        )
-        model.train()
-        t_ep = time.perf_counter()
-        sums: dict[str, float] = {}
-        correct, seen = 0, 0
-        bar = tqdm(
-            loader,
-            total=n_batches,
-            disable=not progress,
-            desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-            unit="batch",
-            leave=False,
-        )
-        t_bar = barrier_t(epoch, train_cfg)
-        sigma = sigma_at(epoch, model_cfg, train_cfg)
-        set_infer_sigma(model, sigma)
-        n_done = 0
-        for i, (xb, yb) in enumerate(bar):
-            n_done += 1
-            f = lr_factor(epoch + i / n_batches, train_cfg)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
-            x = xb.to(dev, non_blocking=True)
-            y = yb.to(dev)
-            xn = model.normalize(x)
-            with torch.autocast(dev.split(":")[0], dtype=amp_dtype, enabled=use_amp):
-                losses = model.training_losses(xn, y, epoch=epoch, barrier_t=t_bar, sigma=sigma)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(opt)
-            scaler.update()
-            correct += int((losses["_scores"].argmax(1) == y).sum())
-            seen += int(y.numel())
-            for k, v in losses.items():
-                if not k.startswith("_"):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items() if k != "passes"})
-        rec: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "barrier_t": t_bar}
-        rec.update({k: v / max(1, n_done) for k, v in sums.items()})
-        rec["train_loc_error"] = 100.0 * (1 - correct / max(1, seen))
-        rec["train_seconds"] = time.perf_counter() - t_ep
-        last_epoch = epoch == train_cfg.epochs - 1
-        if valid_set is not None and ((epoch + 1) % train_cfg.eval_every == 0 or last_epoch):
-            rec.update(validate(model, valid_set, dev))
-            key: tuple[float, float] | None = selection_key(rec, train_cfg.select)
-        elif valid_set is None:
-            key = (0.0, 0.0)
-        else:
-            key = None
-        is_best = improves(key, best_key)
-        if is_best:
-            best_key, best_epoch = key, epoch
-        rec["best"] = is_best
-        history.append(rec)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
-        with (out / "history.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        state = {
-            "optimizer": opt.state_dict(),
-            "epoch": epoch,
-            "best_key": list(best_key) if best_key else None,
-            "best_epoch": best_epoch,
-            "history": json.dumps(history),
-        }
-        common: dict[str, Any] = {
-            "class_names": class_names,
-            "mpp": mpp,
-            "input_size": train_cfg.crop,
-            "train_config": to_dict(train_cfg),
-        }
-        save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
-        if is_best:
-            save_checkpoint(
-                best_path,
-                model,
-                extra={"epoch": epoch, "valid_error": rec.get("valid_error"), "valid_loss": rec.get("valid_loss")},
-                **common,
+    with run_dir(out, resume=resume, overwrite=overwrite):  # an earlier run comes back if this one fails first
+        t_start = time.perf_counter()
+        n_batches = math.ceil(len(train_set) / train_cfg.batch_size)
+        for epoch in range(start, train_cfg.epochs):
+            torch.manual_seed(train_cfg.seed * 100003 + epoch)  # reproducible per epoch, also after --resume
+            gen = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
+            loader = torch.utils.data.DataLoader(
+                train_set,
+                batch_size=train_cfg.batch_size,
+                shuffle=True,
+                drop_last=len(train_set) > train_cfg.batch_size,
+                generator=gen,
+                num_workers=train_cfg.workers,
             )
-        if progress:
-            msg = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if isinstance(v, float) and k != "lr")
-            tqdm.write(f"epoch {epoch + 1}/{train_cfg.epochs} {msg}{' *' if is_best else ''}")
+            model.train()
+            t_ep = time.perf_counter()
+            sums: dict[str, float] = {}
+            correct, seen = 0, 0
+            bar = tqdm(
+                loader,
+                total=n_batches,
+                disable=not progress,
+                desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                unit="batch",
+                leave=False,
+            )
+            t_bar = barrier_t(epoch, train_cfg)
+            sigma = sigma_at(epoch, model_cfg, train_cfg)
+            set_infer_sigma(model, sigma)
+            n_done = 0
+            for i, (xb, yb) in enumerate(bar):
+                n_done += 1
+                f = lr_factor(epoch + i / n_batches, train_cfg)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * f
+                x = xb.to(dev, non_blocking=True)
+                y = yb.to(dev)
+                xn = model.normalize(x)
+                with torch.autocast(dev.split(":")[0], dtype=amp_dtype, enabled=use_amp):
+                    losses = model.training_losses(xn, y, epoch=epoch, barrier_t=t_bar, sigma=sigma)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(losses["total"]).backward()
+                scaler.step(opt)
+                scaler.update()
+                correct += int((losses["_scores"].argmax(1) == y).sum())
+                seen += int(y.numel())
+                for k, v in losses.items():
+                    if not k.startswith("_"):
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items() if k != "passes"})
+            rec: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "barrier_t": t_bar}
+            rec.update({k: v / max(1, n_done) for k, v in sums.items()})
+            rec["train_loc_error"] = 100.0 * (1 - correct / max(1, seen))
+            rec["train_seconds"] = time.perf_counter() - t_ep
+            last_epoch = epoch == train_cfg.epochs - 1
+            if valid_set is not None and ((epoch + 1) % train_cfg.eval_every == 0 or last_epoch):
+                rec.update(validate(model, valid_set, dev))
+                key: tuple[float, float] | None = selection_key(rec, train_cfg.select)
+            elif valid_set is None:
+                key = (0.0, 0.0)
+            else:
+                key = None
+            is_best = improves(key, best_key)
+            if is_best:
+                best_key, best_epoch = key, epoch
+            rec["best"] = is_best
+            history.append(rec)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+            with (out / "history.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            state = {
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "best_key": list(best_key) if best_key else None,
+                "best_epoch": best_epoch,
+                "history": json.dumps(history),
+            }
+            common: dict[str, Any] = {
+                "class_names": class_names,
+                "mpp": mpp,
+                "input_size": train_cfg.crop,
+                "train_config": to_dict(train_cfg),
+            }
+            save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
+            if is_best:
+                save_checkpoint(
+                    best_path,
+                    model,
+                    extra={"epoch": epoch, "valid_error": rec.get("valid_error"), "valid_loss": rec.get("valid_loss")},
+                    **common,
+                )
+            if progress:
+                msg = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if isinstance(v, float) and k != "lr")
+                tqdm.write(f"epoch {epoch + 1}/{train_cfg.epochs} {msg}{' *' if is_best else ''}")
     return FitResult(best_path, last_path, history, best_epoch, time.perf_counter() - t_start)
 
 

@@ -4,9 +4,13 @@ No torch here: the napari plugin's viewer process uses :func:`next_free_dir` to 
 
 Decision: a folder that already holds a run (``last.pt`` or ``best.pt``) is refused unless the caller resumes
 it or explicitly asks to overwrite it (``wsltool train --overwrite``, as ``wsltool infer --overwrite`` does for
-a finished store).  Overwriting removes the earlier run's files first, so no stale ``best.pt`` or history lines
-of the old run mix with the new one.  The napari Retrain widget never overwrites: each run goes into the next
-free folder (``wsltool-retrain``, ``wsltool-retrain-2``, ...), so a pathologist's earlier model stays on disk.
+a finished store).  Overwriting moves the earlier run's files aside first (into a hidden ``.wsltool-replaced-*``
+folder inside the run folder), so no stale ``best.pt`` or history lines of the old run mix with the new one; they
+are deleted once the new run has written its first checkpoint, and put back if it fails before that (a bad image
+in the first epoch, Ctrl-C), as ``wsltool infer --overwrite`` keeps the old store until the new one is complete.
+(A run killed outright, SIGKILL or power loss, leaves the earlier run in that hidden folder.)  The napari Retrain
+widget never overwrites: each run goes into the next free folder (``wsltool-retrain``, ``wsltool-retrain-2``,
+...), so a pathologist's earlier model stays on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,24 +82,56 @@ def check_new_run(out_dir: str | Path, *, resume: bool = False, overwrite: bool 
         raise ConfigError(msg)
 
 
-def start_run_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check (:func:`check_new_run`), create ``out_dir`` and, for a new run, remove an earlier run's files.
+@contextmanager
+def run_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Check (:func:`check_new_run`) and create ``out_dir`` for the training loop run inside the block.
 
-    Returns
-    -------
+    For a new run over an earlier one (``overwrite``), the earlier run's files are moved aside into a hidden
+    folder in ``out_dir``: deleted when the block ends with a checkpoint of the new run in ``out_dir``, put back
+    when it ends (raises, or stops early) before the new run wrote one.
+
+    Parameters
+    ----------
+    out_dir
+        The run's output folder.
+    resume
+        The block continues the run in ``out_dir``: nothing is moved.
+    overwrite
+        The caller asked to replace an earlier run.
+
+    Yields
+    ------
     Path
         ``out_dir``.
     """
     check_new_run(out_dir, resume=resume, overwrite=overwrite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        old = [n for n in RUN_FILES if (out / n).exists()]
-        if old:
-            log.warning("%s: replacing an earlier run (%s)", out, ", ".join(old))
+    old = [] if resume else [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
+    aside = out / f".wsltool-replaced-{uuid.uuid4().hex[:8]}"
+    if old:
+        log.warning(
+            "%s: replacing an earlier run (%s), kept in %s until this run's first checkpoint",
+            out,
+            ", ".join(old),
+            aside,
+        )
+        aside.mkdir()
         for n in old:
-            (out / n).unlink()
-    return out
+            os.replace(out / n, aside / n)
+    try:
+        yield out
+    finally:
+        if old and existing_run(out):  # the new run has a checkpoint: it replaces the earlier one
+            shutil.rmtree(aside, ignore_errors=True)
+        elif old:  # it failed or stopped before its first checkpoint: the earlier run goes back
+            try:
+                for n in old:
+                    os.replace(aside / n, out / n)
+                aside.rmdir()
+                log.warning("%s: this run ended before its first checkpoint; the earlier run is back in place", out)
+            except OSError as exc:  # never hide the error that brought us here, nor delete what is still aside
+                log.warning("%s: the earlier run could not be put back from %s (%s)", out, aside, exc)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -123,8 +161,9 @@ def provisional_file(path: str | Path, *, until: Sequence[str | Path]) -> Iterat
     did not exist before the block (``path``'s and the checkpoints') are removed where left empty.  So a run
     that never started leaves no trace that looks like a run, and an earlier run's record is not replaced by
     the one of a run that never began.  Once a checkpoint exists the file stays: it describes that
-    checkpoint's run (and ``--resume`` continues it).  (An ``--overwrite`` that removed the earlier run's
-    checkpoints counts as a change: the new record then stays, beside no checkpoint.)
+    checkpoint's run (and ``--resume`` continues it).  (An ``--overwrite`` run that fails before its first
+    checkpoint puts the earlier run's checkpoints back, see :func:`run_dir`, so the earlier record comes back
+    with them.)
 
     Parameters
     ----------
@@ -188,5 +227,5 @@ __all__ = [
     "existing_run",
     "next_free_dir",
     "provisional_file",
-    "start_run_dir",
+    "run_dir",
 ]

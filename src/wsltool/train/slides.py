@@ -49,7 +49,7 @@ from wsltool.train.checkpoint import (
 from wsltool.train.data import augment
 from wsltool.train.labels import LabeledItem
 from wsltool.train.loop import _optimizer, barrier_t, improves, lr_factor, set_infer_sigma, sigma_at
-from wsltool.train.rundir import check_new_run, provisional_file, start_run_dir
+from wsltool.train.rundir import check_new_run, provisional_file, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -402,165 +402,165 @@ def fit_slides(
 
         start, saved_key, best_epoch, history = resume_training(last_path, model, opt, dev, differences)
         best_key = tuple(saved_key) if saved_key else None
-    if dist_info.main:  # only rank 0 writes files
-        start_run_dir(out, resume=resume, overwrite=overwrite)
-    reader = RegionReader(mil)
-    t_start = time.perf_counter()
-    common: dict[str, Any] = {
-        "class_names": list(class_names),
-        "mpp": mil.mpp,
-        "input_size": mil.region,
-        "train_config": {"train": to_dict(train_cfg), "mil": to_dict(mil), "positive_class": pos_name},
-    }
-    try:
-        for epoch in range(start, train_cfg.epochs):
-            t_ep = time.perf_counter()
-            rng = np.random.default_rng(train_cfg.seed * 100003 + epoch)
-            gen = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
-            torch.manual_seed(train_cfg.seed * 31 + epoch)
-            # 1. region sampling (MIL)
-            xs, ys, skipped = [], [], []
-            n_top = 0
-            for src in train_src:
-                try:
-                    x, k = _select(model, reader, src, mil, pos, dev, epoch, rng)
-                except SlideError as exc:
-                    log.warning("skipping %s this epoch: %s", src.item.path.name, exc)
-                    skipped.append(src.item.path.name)
-                    continue
-                xs.append(x)
-                ys.extend([src.y] * len(x))
-                n_top += k
-            if not xs:
-                msg = "no training region could be read"
-                raise WslError(msg)
-            xall = torch.cat(xs)
-            yall = np.asarray(ys)
-            # 2. class balance by oversampling
-            counts = np.bincount(yall, minlength=len(class_names))
-            order = []
-            for c in range(len(class_names)):
-                idx = np.nonzero(yall == c)[0]
-                if idx.size == 0:
-                    continue
-                extra = rng.choice(idx, counts.max() - idx.size, replace=True) if counts.max() > idx.size else []
-                order.extend(idx.tolist() + list(extra))
-            order_arr = rng.permutation(np.asarray(order))
-            if dist_info.enabled:  # every rank sampled the same regions: take this rank's share, equal counts
-                per = max(1, len(order_arr) // dist_info.world)
-                order_arr = order_arr[dist_info.rank :: dist_info.world][:per]
-            t_sample = time.perf_counter() - t_ep
-            # 3. one pass of the min-max losses
-            model.train()
-            bs = train_cfg.batch_size
-            n_batches = max(1, len(order_arr) // bs) if len(order_arr) >= bs else 1
-            sums: dict[str, float] = {}
-            t_bar = barrier_t(epoch, train_cfg)
-            sigma = sigma_at(epoch, model_cfg, train_cfg)
-            set_infer_sigma(model, sigma)  # slide validation scores with this epoch's mask
-            stopped = False
-            for b in range(n_batches):
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                sel = order_arr[b * bs : (b + 1) * bs]
-                f = lr_factor(epoch + b / n_batches, train_cfg)
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * f
-                xb = torch.stack([augment(xall[i], mil.region, train_cfg.color_jitter, gen) for i in sel])
-                yb = torch.as_tensor(yall[sel], dtype=torch.long, device=dev)
-                net: Any = model
-                losses = loss_module(net.normalize(xb.to(dev)), yb, epoch, t_bar, sigma)
-                opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                opt.step()
-                for k, v in losses.items():
-                    if not k.startswith("_"):
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-            distributed.sync_buffers(model, dist_info)
-            done_b = max(1, b + (0 if stopped else 1))
-            rec: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-            rec.update({k: v / done_b for k, v in sums.items()})
-            rec.update(
-                {
-                    "regions": len(order_arr),
-                    "top_regions": n_top,
-                    "skipped_slides": len(skipped),
-                    "sample_seconds": round(t_sample, 2),
-                }
-            )
-            rec["train_seconds"] = round(time.perf_counter() - t_ep, 2)
-            rec["regions_per_s"] = round(len(order_arr) / max(1e-9, time.perf_counter() - t_ep - t_sample), 2)
-            # 4. slide-level validation
-            key: tuple[float, ...] | None
-            if valid_src and dist_info.main:
-                vrng = np.random.default_rng(12345)
-                scores, labels = [], []
-                for src in valid_src:
+    # only rank 0 writes files; an earlier run (--overwrite) comes back if this one fails before a checkpoint
+    with run_dir(out, resume=resume, overwrite=overwrite) if dist_info.main else contextlib.nullcontext(out):
+        reader = RegionReader(mil)
+        t_start = time.perf_counter()
+        common: dict[str, Any] = {
+            "class_names": list(class_names),
+            "mpp": mil.mpp,
+            "input_size": mil.region,
+            "train_config": {"train": to_dict(train_cfg), "mil": to_dict(mil), "positive_class": pos_name},
+        }
+        try:
+            for epoch in range(start, train_cfg.epochs):
+                t_ep = time.perf_counter()
+                rng = np.random.default_rng(train_cfg.seed * 100003 + epoch)
+                gen = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
+                torch.manual_seed(train_cfg.seed * 31 + epoch)
+                # 1. region sampling (MIL)
+                xs, ys, skipped = [], [], []
+                n_top = 0
+                for src in train_src:
                     try:
-                        scores.append(slide_score(model, reader, src, mil, pos, dev, vrng))
-                        labels.append(int(src.y == pos))
+                        x, k = _select(model, reader, src, mil, pos, dev, epoch, rng)
                     except SlideError as exc:
-                        log.warning("validation skips %s: %s", src.item.path.name, exc)
-                s_arr, l_arr = np.asarray(scores), np.asarray(labels)
-                err = 100.0 * float(np.mean((s_arr >= 0.5) != (l_arr == 1))) if len(s_arr) else 100.0
-                auc = roc_auc(l_arr, s_arr)
-                vloss = float(np.mean(-np.log(np.clip(np.where(l_arr == 1, s_arr, 1 - s_arr), 1e-6, 1))))
-                rec.update({"valid_error": err, "valid_auc": auc, "valid_loss": vloss})
-                key = (err, -(auc if not math.isnan(auc) else 0.0), vloss)
-            else:
-                key = (0.0,)
-            is_best = not stopped and improves(key, best_key)
-            if is_best:
-                best_key, best_epoch = key, epoch
-            rec["best"] = is_best
-            rec["seconds"] = round(time.perf_counter() - t_ep, 2)
-            history.append(rec)
-            state = {
-                "optimizer": opt.state_dict(),
-                "epoch": epoch if not stopped else epoch - 1,
-                "best_key": list(best_key) if best_key else None,
-                "best_epoch": best_epoch,
-                "history": json.dumps(history if not stopped else history[:-1]),
-            }
-            if not dist_info.main:  # only rank 0 validates and writes files
-                if stopped:
-                    break
-                continue
-            save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
-            if is_best:
-                save_checkpoint(
-                    best_path,
-                    model,
-                    extra={"epoch": epoch, **{k: rec.get(k) for k in ("valid_error", "valid_auc", "valid_loss")}},
-                    **common,
-                )
-            _write_history(out, history)
-            if progress:
-                txt = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if isinstance(v, float) and k != "lr")
-                print(f"epoch {epoch + 1}/{train_cfg.epochs} {txt}{' *' if is_best else ''}", flush=True)
-            if on_epoch is not None:
-                on_epoch(rec)
-            if stopped:
-                break
-    finally:
-        reader.close()
-        dump = os.environ.get("WSLTOOL_DDP_DUMP")  # test hook: each rank records its final weights
-        if dump:
-            from wsltool.train.checkpoint import weights_fingerprint
-
-            Path(dump, f"rank{dist_info.rank}.json").write_text(
-                json.dumps(
+                        log.warning("skipping %s this epoch: %s", src.item.path.name, exc)
+                        skipped.append(src.item.path.name)
+                        continue
+                    xs.append(x)
+                    ys.extend([src.y] * len(x))
+                    n_top += k
+                if not xs:
+                    msg = "no training region could be read"
+                    raise WslError(msg)
+                xall = torch.cat(xs)
+                yall = np.asarray(ys)
+                # 2. class balance by oversampling
+                counts = np.bincount(yall, minlength=len(class_names))
+                order = []
+                for c in range(len(class_names)):
+                    idx = np.nonzero(yall == c)[0]
+                    if idx.size == 0:
+                        continue
+                    extra = rng.choice(idx, counts.max() - idx.size, replace=True) if counts.max() > idx.size else []
+                    order.extend(idx.tolist() + list(extra))
+                order_arr = rng.permutation(np.asarray(order))
+                if dist_info.enabled:  # every rank sampled the same regions: take this rank's share, equal counts
+                    per = max(1, len(order_arr) // dist_info.world)
+                    order_arr = order_arr[dist_info.rank :: dist_info.world][:per]
+                t_sample = time.perf_counter() - t_ep
+                # 3. one pass of the min-max losses
+                model.train()
+                bs = train_cfg.batch_size
+                n_batches = max(1, len(order_arr) // bs) if len(order_arr) >= bs else 1
+                sums: dict[str, float] = {}
+                t_bar = barrier_t(epoch, train_cfg)
+                sigma = sigma_at(epoch, model_cfg, train_cfg)
+                set_infer_sigma(model, sigma)  # slide validation scores with this epoch's mask
+                stopped = False
+                for b in range(n_batches):
+                    if should_stop is not None and should_stop():
+                        stopped = True
+                        break
+                    sel = order_arr[b * bs : (b + 1) * bs]
+                    f = lr_factor(epoch + b / n_batches, train_cfg)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * f
+                    xb = torch.stack([augment(xall[i], mil.region, train_cfg.color_jitter, gen) for i in sel])
+                    yb = torch.as_tensor(yall[sel], dtype=torch.long, device=dev)
+                    net: Any = model
+                    losses = loss_module(net.normalize(xb.to(dev)), yb, epoch, t_bar, sigma)
+                    opt.zero_grad(set_to_none=True)
+                    losses["total"].backward()
+                    opt.step()
+                    for k, v in losses.items():
+                        if not k.startswith("_"):
+                            sums[k] = sums.get(k, 0.0) + float(v.detach())
+                distributed.sync_buffers(model, dist_info)
+                done_b = max(1, b + (0 if stopped else 1))
+                rec: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+                rec.update({k: v / done_b for k, v in sums.items()})
+                rec.update(
                     {
-                        "rank": dist_info.rank,
-                        "world": dist_info.world,
-                        "fingerprint": weights_fingerprint(model.state_dict()),
-                        "wrote_files": dist_info.main,
+                        "regions": len(order_arr),
+                        "top_regions": n_top,
+                        "skipped_slides": len(skipped),
+                        "sample_seconds": round(t_sample, 2),
                     }
                 )
-            )
-        distributed.barrier(dist_info)
-        distributed.teardown(dist_info)
+                rec["train_seconds"] = round(time.perf_counter() - t_ep, 2)
+                rec["regions_per_s"] = round(len(order_arr) / max(1e-9, time.perf_counter() - t_ep - t_sample), 2)
+                # 4. slide-level validation
+                key: tuple[float, ...] | None
+                if valid_src and dist_info.main:
+                    vrng = np.random.default_rng(12345)
+                    scores, labels = [], []
+                    for src in valid_src:
+                        try:
+                            scores.append(slide_score(model, reader, src, mil, pos, dev, vrng))
+                            labels.append(int(src.y == pos))
+                        except SlideError as exc:
+                            log.warning("validation skips %s: %s", src.item.path.name, exc)
+                    s_arr, l_arr = np.asarray(scores), np.asarray(labels)
+                    err = 100.0 * float(np.mean((s_arr >= 0.5) != (l_arr == 1))) if len(s_arr) else 100.0
+                    auc = roc_auc(l_arr, s_arr)
+                    vloss = float(np.mean(-np.log(np.clip(np.where(l_arr == 1, s_arr, 1 - s_arr), 1e-6, 1))))
+                    rec.update({"valid_error": err, "valid_auc": auc, "valid_loss": vloss})
+                    key = (err, -(auc if not math.isnan(auc) else 0.0), vloss)
+                else:
+                    key = (0.0,)
+                is_best = not stopped and improves(key, best_key)
+                if is_best:
+                    best_key, best_epoch = key, epoch
+                rec["best"] = is_best
+                rec["seconds"] = round(time.perf_counter() - t_ep, 2)
+                history.append(rec)
+                state = {
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch if not stopped else epoch - 1,
+                    "best_key": list(best_key) if best_key else None,
+                    "best_epoch": best_epoch,
+                    "history": json.dumps(history if not stopped else history[:-1]),
+                }
+                if not dist_info.main:  # only rank 0 validates and writes files
+                    if stopped:
+                        break
+                    continue
+                save_checkpoint(last_path, model, train_state=state, extra={"epoch": epoch}, **common)
+                if is_best:
+                    save_checkpoint(
+                        best_path,
+                        model,
+                        extra={"epoch": epoch, **{k: rec.get(k) for k in ("valid_error", "valid_auc", "valid_loss")}},
+                        **common,
+                    )
+                _write_history(out, history)
+                if progress:
+                    txt = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if isinstance(v, float) and k != "lr")
+                    print(f"epoch {epoch + 1}/{train_cfg.epochs} {txt}{' *' if is_best else ''}", flush=True)
+                if on_epoch is not None:
+                    on_epoch(rec)
+                if stopped:
+                    break
+        finally:
+            reader.close()
+            dump = os.environ.get("WSLTOOL_DDP_DUMP")  # test hook: each rank records its final weights
+            if dump:
+                from wsltool.train.checkpoint import weights_fingerprint
+
+                Path(dump, f"rank{dist_info.rank}.json").write_text(
+                    json.dumps(
+                        {
+                            "rank": dist_info.rank,
+                            "world": dist_info.world,
+                            "fingerprint": weights_fingerprint(model.state_dict()),
+                            "wrote_files": dist_info.main,
+                        }
+                    )
+                )
+            distributed.barrier(dist_info)
+            distributed.teardown(dist_info)
     if dist_info.main and not best_path.exists() and last_path.exists():
         import shutil
 
