@@ -223,12 +223,13 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_split_behind(
 
 
 def test_an_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT) in the first epoch of ``train --overwrite``: the earlier run is all there, as it was."""
+    """Ctrl-C (SIGINT) in the first epoch of ``train --overwrite``: the earlier run is all there, as it was,
+    its ``splits.csv`` included (the new run, with another seed, had written another split)."""
     rng = np.random.default_rng(0)
-    rows = ["path,label,split"]
-    for i in range(10):  # 8 training images at crop 224 on a ResNet-18: the first epoch takes seconds
+    rows = ["path,label"]
+    for i in range(11):  # 8 training images at crop 224 on a ResNet-18: the first epoch takes seconds
         Image.fromarray(rng.integers(0, 255, (240, 240, 3), np.uint8)).save(tmp_path / f"im{i}.png")
-        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]},{'train' if i < 8 else 'valid'}")
+        rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]}")
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -236,12 +237,14 @@ def test_an_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_
     args += ["--pretrained", "none", "--crop", "224", "--batch-size", "2", "--epochs", "1", "--no-progress"]
     subprocess.run(args, check=True, capture_output=True)
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert {"best.pt", "last.pt", "history.jsonl"} <= set(earlier)
-    proc = subprocess.Popen([*args, "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert {"best.pt", "last.pt", "history.jsonl", "splits.csv"} <= set(earlier)
+    cmd = [*args, "--overwrite", "--seed", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".wsltool-replaced-") for p in out.iterdir()):
         time.sleep(0.005)  # the earlier run is set aside: the new run has begun its first epoch
     assert not (out / "last.pt").exists()
+    assert (out / "splits.csv").read_bytes() != earlier["splits.csv"]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("wsltool train: interrupted"), err
