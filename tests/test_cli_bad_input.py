@@ -51,9 +51,11 @@ def test_output_places_the_system_refuses_give_one_line(
     capsys.readouterr()
     f = tmp_path / "f.txt"
     f.write_text("keep")
-    for out, words in ((f, "exists and is not a folder"), (f / "run", "Not a directory")):
+    for out, words in ((f, "exists and is not a folder"), (f / "run", f"cannot create the output folder: {f} is not")):
         assert main(["train", "--labels", str(csv), "--out", str(out), *TINY_ARGS]) != 0
-        assert str(f) in (err := _err(capsys)) and words in err
+        assert f"{out}: {words}" in _err(capsys)
+    assert main(["train", "--labels", str(csv), "--out", "/proc/1/wsltool-run", *TINY_ARGS]) != 0
+    assert "/proc/1/wsltool-run: /proc/1 is not writable" in _err(capsys)  # a place the system will not let us write
     assert main(["eval", "--labels", str(csv), "--model", str(run), "--out", str(f), "--no-progress"]) != 0
     assert "exists and is not a folder" in _err(capsys)
     assert main(["ensemble", str(run), str(wild), "-o", "/proc/wsltool-x.pt"]) != 0

@@ -561,7 +561,7 @@ def test_retrain_failure_names_the_rows_shown(
         assert notes[-1][1].endswith(words) and len(w.rows()) == 3  # the table is left as it was
     w.out.value = bad
     w.run_btn.native.click()
-    assert not w.running and notes[-1] == ("error", f"Retrain: output folder: {bad} exists and is not a folder")
+    assert not w.running and notes[-1] == ("error", f"Retrain: output folder: {bad}: exists and is not a folder")
     w.out.value = tmp_path
     w.finetune.value = True
     w.run_btn.native.click()

@@ -41,6 +41,7 @@ from typing import Any
 
 from wsltool.config import InferConfig, from_dict, to_dict
 from wsltool.errors import CheckpointError, ConfigError, LabelsError, WslError
+from wsltool.paths import output_folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -772,22 +773,19 @@ def check_scheduler_address(address: str) -> None:
 
 
 def check_out_dir(outdir: Path) -> None:
-    """Refuse an OUTDIR that exists as something else, or under a file, before anything is created.
+    """Refuse an OUTDIR that cannot be made or written, before anything is created.
+
+    The check is :func:`wsltool.paths.output_folder_problem`'s.
 
     Raises
     ------
     ConfigError
-        ``outdir`` or one of its parents exists and is not a folder.
+        ``outdir`` exists and is not a folder, one of its parents is a file, or the place is not writable.
     """
-    if outdir.exists() and not outdir.is_dir():
-        msg = f"{outdir}: exists and is not a folder; give a folder (new or from an earlier run) as OUTDIR"
+    problem = output_folder_problem(outdir)
+    if problem:
+        msg = f"{outdir}: {problem}; give a folder (new or from an earlier run) as OUTDIR"
         raise ConfigError(msg)
-    for parent in outdir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                msg = f"{outdir}: cannot create the output folder: {parent} is not a folder"
-                raise ConfigError(msg)
-            break
 
 
 def check_model(model: Path, config: InferConfig, *, local: bool = True) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from qtpy.QtCore import QTimer
 
 from wsltool.napari_plugin._jobs import ProcessJob
 from wsltool.napari_plugin._reader import PARTIAL_SUFFIX
+from wsltool.paths import output_folder_problem
 from wsltool.train.rundir import next_free_dir
 
 if TYPE_CHECKING:
@@ -65,18 +66,6 @@ def _file_problem(txt: str, suffix: str | None = None) -> str | None:
         return f"{txt} not found"
     if suffix is not None and p.suffix.lower() != suffix:
         return f"{txt} is not a {suffix} file"
-    return None
-
-
-def _folder_problem(folder: Path) -> str | None:
-    """Why runs cannot be written under ``folder`` (created if missing), or None."""
-    import os
-
-    if folder.exists() and not folder.is_dir():
-        return f"{folder} exists and is not a folder"
-    parent = next((q for q in (folder, *folder.parents) if q.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{folder} is not writable"
     return None
 
 
@@ -572,9 +561,9 @@ class RetrainWidget(_JobHost, Container):
             init = str(Path(txt).absolute())
         out_txt = str(self.out.value or "")
         folder = Path(out_txt if out_txt not in ("", ".") else tempfile.gettempdir())
-        problem = _folder_problem(folder.absolute())
+        problem = output_folder_problem(folder.absolute())
         if problem:
-            _notify(f"Retrain: output folder: {problem}")
+            _notify(f"Retrain: output folder: {folder.absolute()}: {problem}")
             return
         base = folder / "wsltool-retrain"
         out = next_free_dir(base)  # an earlier model stays: wsltool-retrain, wsltool-retrain-2, ...

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wsltool.errors import ConfigError
+from wsltool.paths import output_folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,18 @@ def existing_run(out_dir: str | Path) -> list[str]:
 
 
 def check_out_folder(out_dir: str | Path) -> None:
-    """Refuse an output folder path that exists as something else (a file), before any work is done.
+    """Refuse an output folder that cannot be made or written, before any work is done.
+
+    The check is :func:`wsltool.paths.output_folder_problem`'s.
 
     Raises
     ------
     ConfigError
-        ``out_dir`` exists and is not a folder.
+        ``out_dir`` exists and is not a folder, a parent is a file, or the place is not writable.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        msg = f"{out}: exists and is not a folder"
+    problem = output_folder_problem(out_dir)
+    if problem:
+        msg = f"{out_dir}: {problem}"
         raise ConfigError(msg)
 
 
