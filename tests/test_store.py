@@ -376,6 +376,31 @@ def test_chunks_a_store_never_wrote_are_not_missing_and_older_stores_are_not_cou
     assert HeatmapStore.open(q).complete
 
 
+def test_a_damaged_chunk_is_a_one_line_store_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsltool.cli import main
+
+    p = finished(tmp_path / "h.zarr", 0.25, shape=(70, 110), chunk=16).path
+    (p / "0" / "c" / "0" / "2" / "3").write_bytes(b"not blosc")  # bit rot: the file is there, its bytes are not
+    (p / "labels" / "tissue" / "0" / "c" / "1" / "1").write_bytes(b"")
+    st = HeatmapStore.open(p)  # the files are all there: open() cannot know
+    assert np.all(st.channel("tumour") == np.float16(0.25))  # the other channels and levels still read
+    assert st.mplus(1).shape == (35, 55) and np.all(st.mplus(1) == np.float16(0.25))
+    with pytest.raises(StoreError) as ei:
+        st.mplus()
+    assert str(ei.value) == (
+        f"{p}: corrupt heatmap store: chunk 0/2/3 of array '0' unreadable"
+        " (RuntimeError: error during blosc decompression: -1)"
+    )
+    with pytest.raises(StoreError, match=r"chunk 1/1 of array 'labels/tissue/0' unreadable \("):
+        st.tissue()
+    # the CLI says it in one line, not with zarr's traceback
+    assert main(["export", str(p), "--png", str(tmp_path / "x.png")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"wsltool export: error: {ei.value}" and not (tmp_path / "x.png").exists()
+
+
 def test_a_store_interrupted_while_being_created_is_named_so(tmp_path: Path) -> None:
     p = tmp_path / "h.zarr"
     create(p, shape=(70, 110), chunk=16)

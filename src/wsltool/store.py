@@ -691,7 +691,7 @@ class HeatmapStore:
         """
         self._require_complete()
         c = self.channel_names.index(channel) if isinstance(channel, str) else int(channel)
-        return np.asarray(self.levels[level][c])
+        return self._read_plane(self.levels[level], (c,))
 
     def mask(self, level: int = 0) -> np.ndarray:
         """Return the binary mask label (M+ >= threshold within tissue) as uint8 ``(y, x)``.
@@ -747,7 +747,33 @@ class HeatmapStore:
         self._require_complete()
         g = _subgroup(_subgroup(self._group, "labels"), name)
         path = self._ome(g)["multiscales"][0]["datasets"][level]["path"]
-        return np.asarray(self._array(g, path)[...])
+        return self._read_plane(self._array(g, path), ())
+
+    def _read_plane(self, arr: zarr.Array, lead: tuple[int, ...]) -> np.ndarray:
+        """``arr[lead]`` (a whole ``(y, x)`` plane); a chunk that cannot be decoded is a StoreError naming it.
+
+        zarr reads the chunks concurrently and raises the codec's bare error (``RuntimeError: error during
+        blosc decompression``) for a damaged one; only then is the plane read again chunk by chunk, to say which.
+        """
+        try:
+            return np.asarray(arr[lead])
+        except Exception as exc:  # codec errors (RuntimeError, ValueError, ...) and I/O errors
+            first = exc
+        ch, cw = arr.chunks[-2:]
+        for r0 in range(0, arr.shape[-2], ch):
+            for c0 in range(0, arr.shape[-1], cw):
+                window: tuple[int | slice, ...] = (*lead, slice(r0, r0 + ch), slice(c0, c0 + cw))
+                try:
+                    arr[window]
+                except Exception as exc:
+                    key = "/".join(str(i) for i in (*lead, r0 // ch, c0 // cw))
+                    msg = (
+                        f"{self.path}: corrupt heatmap store: chunk {key} of array {arr.path!r} unreadable"
+                        f" ({type(exc).__name__}: {exc})"
+                    )
+                    raise StoreError(msg) from exc
+        msg = f"{self.path}: array {arr.path!r} could not be read ({type(first).__name__}: {first})"
+        raise StoreError(msg) from first
 
     def final_bands(self) -> set[int]:
         """Return the level-0 row bands already written and recorded as final (the resume record)."""
