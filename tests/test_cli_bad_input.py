@@ -5,11 +5,13 @@ Each case is one an independent sweep of the CLI found giving a traceback, a sil
 
 from __future__ import annotations
 
+import contextlib
 import csv as csvmod
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -226,33 +228,74 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_split_behind(
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt", "splits.csv"]
 
 
-def test_an_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT) in the first epoch of ``train --overwrite``: the earlier run is all there, as it was,
-    its ``splits.csv`` included (the new run, with another seed, had written another split)."""
+def _slow_image_run(tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
+    """A finished 1-epoch run whose next epochs take seconds (8 training images at crop 224 on a ResNet-18)."""
     rng = np.random.default_rng(0)
     rows = ["path,label"]
-    for i in range(11):  # 8 training images at crop 224 on a ResNet-18: the first epoch takes seconds
+    for i in range(11):
         Image.fromarray(rng.integers(0, 255, (240, 240, 3), np.uint8)).save(tmp_path / f"im{i}.png")
         rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]}")
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
     args = [*code, "train", "--labels", str(tmp_path / "l.csv"), "--out", str(out), "--backbone", "resnet18"]
-    args += ["--pretrained", "none", "--crop", "224", "--batch-size", "2", "--epochs", "1", "--no-progress"]
+    args += ["--pretrained", "none", "--crop", "224", "--batch-size", "2", "--epochs", "1", "--no-progress", *extra]
     subprocess.run(args, check=True, capture_output=True)
-    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert {"best.pt", "last.pt", "history.jsonl", "splits.csv"} <= set(earlier)
-    cmd = [*args, "--overwrite", "--seed", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return args, out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _interrupt_when(args: list[str], ready: Callable[[], bool]) -> None:
+    """Run ``args``, send Ctrl-C (SIGINT) as soon as ``ready()``; it must stop with 130 and one line."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".wsltool-replaced-") for p in out.iterdir()):
-        time.sleep(0.005)  # the earlier run is set aside: the new run has begun its first epoch
-    assert not (out / "last.pt").exists()
-    assert (out / "splits.csv").read_bytes() != earlier["splits.csv"]
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("wsltool train: interrupted"), err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # all of it, and nothing else aside
+
+
+def test_an_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(tmp_path: Path) -> None:
+    """Ctrl-C in the first epoch of ``train --overwrite``: the earlier run is all there, as it was, its
+    ``splits.csv`` included (the new run, with another split seed, had written another split)."""
+    args, out = _slow_image_run(tmp_path)
+    earlier = _files(out)
+    assert {"best.pt", "last.pt", "history.jsonl", "splits.csv"} <= set(earlier)
+    seen: dict[str, bytes] = {}
+
+    def set_aside() -> bool:  # the new run is about to begin its first epoch
+        if any(out.rglob(".wsltool-replaced-*")):
+            seen.update(_files(out))
+            return True
+        return False
+
+    _interrupt_when([*args, "--overwrite", "--set", "seed=1"], set_aside)
+    assert seen["splits.csv"] != earlier["splits.csv"]
+    assert _files(out) == earlier  # all of it, and nothing else (no hidden folder left)
+
+
+def test_seeds_overwritten_then_interrupted_are_the_new_run_only(tmp_path: Path) -> None:
+    """``--seeds --overwrite``, Ctrl-C once seed 0 has a checkpoint: no earlier seed or ensemble is kept to be
+    mixed with the new run (``--resume`` would have built an ensemble of both)."""
+    args, out = _slow_image_run(tmp_path, "--seeds", "0,1")
+    earlier = _files(out)
+    assert {"seed_0/last.pt", "seed_1/last.pt", "ensemble.pt", "splits.csv"} <= set(earlier)
+    old_inode = (out / "seed_0" / "last.pt").stat().st_ino  # set aside by a rename: the inode goes with it
+
+    def seed_0_done() -> bool:  # the new seed 0's first checkpoint is there
+        with contextlib.suppress(FileNotFoundError):
+            return (out / "seed_0" / "last.pt").stat().st_ino != old_inode
+        return False
+
+    _interrupt_when([*args, "--overwrite", "--set", "seed=1"], seed_0_done)
+    now = _files(out)
+    assert now["seed_0/last.pt"] != earlier["seed_0/last.pt"] and now["splits.csv"] != earlier["splits.csv"]
+    assert not [n for n in now if n.startswith("seed_1/") and n.endswith(".pt")] and "ensemble.pt" not in now
+    assert not any(out.rglob(".wsltool-replaced-*"))
 
 
 def test_run_dir_puts_the_earlier_run_back_only_while_the_new_one_has_no_checkpoint(tmp_path: Path) -> None:
@@ -277,6 +320,36 @@ def test_run_dir_puts_the_earlier_run_back_only_while_the_new_one_has_no_checkpo
     assert {p.name: p.read_text() for p in out.iterdir()} == {"last.pt": "new last.pt", "notes.txt": "not a run file"}
     with run_dir(out, resume=True):  # resuming moves nothing
         assert (out / "last.pt").read_text() == "new last.pt"
+
+
+def test_several_seeds_are_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``--seeds`` with ``--overwrite``: seed folders and their ensemble are set aside and come back together."""
+    from wsltool.train.rundir import set_aside
+
+    def earlier() -> dict[str, str]:
+        for seed in ("seed_0", "seed_1"):
+            (tmp_path / seed).mkdir(exist_ok=True)
+            for n in ("best.pt", "last.pt", "history.jsonl"):
+                (tmp_path / seed / n).write_text(f"earlier {seed}/{n}")
+        (tmp_path / "ensemble.pt").write_text("earlier ensemble")
+        return files()
+
+    def files() -> dict[str, str]:  # what a user sees (the hidden folders left out)
+        seen = [p for p in sorted(tmp_path.rglob("*")) if p.is_file() and ".wsltool-replaced-" not in str(p)]
+        return {str(p.relative_to(tmp_path)): p.read_text() for p in seen}
+
+    folders, ens = [tmp_path / "seed_0", tmp_path / "seed_1"], [tmp_path / "ensemble.pt"]
+    before = earlier()
+    with pytest.raises(KeyboardInterrupt), set_aside(folders, ens):  # Ctrl-C in seed_0's first epoch
+        assert files() == {} and len(list(tmp_path.rglob(".wsltool-replaced-*"))) == 3  # each seed's, the ensemble's
+        (tmp_path / "seed_0" / "history.jsonl").write_text("new seed_0 epoch 0")
+        raise KeyboardInterrupt
+    assert files() == before and not list(tmp_path.rglob(".wsltool-replaced-*"))
+    with pytest.raises(KeyboardInterrupt), set_aside(folders, ens):  # Ctrl-C in seed_1, seed_0 finished
+        (tmp_path / "seed_0" / "last.pt").write_text("new seed_0")
+        raise KeyboardInterrupt
+    # the new run has begun: none of the earlier seeds is kept to be mixed with it (--resume would)
+    assert files() == {"seed_0/last.pt": "new seed_0"} and not list(tmp_path.rglob(".wsltool-replaced-*"))
 
 
 def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:

@@ -201,28 +201,34 @@ def _fit_images(
         raise LabelsError(src, ["split 'train' has no item"])
     runs = list(zip([dataclasses.replace(train_cfg, seed=sd) for sd in seeds] or [train_cfg], out_dirs, strict=True))
     results = []
-    for cfg_k, out_k in runs:
-        res = fit(
-            train,
-            valid,
-            classes,
-            model_cfg,
-            cfg_k,
-            out_k,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            device=args.device,
-            progress=not args.no_progress,
-            mpp=args.mpp,
-        )
-        results.append(res)
-        seed_note = f" (seed {cfg_k.seed})" if seeds else ""
-        print(
-            f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, "
-            f"{res.seconds:.0f} s{seed_note}"
-        )
-        print(_best_line(res, "valid_error", "valid error {:.1f}%"))
-        print(f"last: {res.last}")
+    replacing = contextlib.ExitStack()
+    if seeds and args.overwrite:  # every seed's earlier run (and their ensemble) comes back, or none does
+        from wsltool.train.rundir import set_aside
+
+        replacing.enter_context(set_aside(out_dirs, [Path(args.out) / "ensemble.pt"]))
+    with replacing:
+        for cfg_k, out_k in runs:
+            res = fit(
+                train,
+                valid,
+                classes,
+                model_cfg,
+                cfg_k,
+                out_k,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                device=args.device,
+                progress=not args.no_progress,
+                mpp=args.mpp,
+            )
+            results.append(res)
+            seed_note = f" (seed {cfg_k.seed})" if seeds else ""
+            print(
+                f"trained {len(train)} images ({len(valid)} validation), classes {', '.join(classes)}, "
+                f"{res.seconds:.0f} s{seed_note}"
+            )
+            print(_best_line(res, "valid_error", "valid error {:.1f}%"))
+            print(f"last: {res.last}")
     if seeds:
         from wsltool.train.checkpoint import save_ensemble
 

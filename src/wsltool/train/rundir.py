@@ -6,9 +6,11 @@ Decision: a folder that already holds a run (``last.pt`` or ``best.pt``) is refu
 it or explicitly asks to overwrite it (``wsltool train --overwrite``, as ``wsltool infer --overwrite`` does for
 a finished store).  Overwriting moves the earlier run's files aside first (into a hidden ``.wsltool-replaced-*``
 folder inside the run folder), so no stale ``best.pt`` or history lines of the old run mix with the new one; they
-are deleted once the new run has written its first checkpoint, and put back if it fails before that (a bad image
+are deleted once the new run has written its first checkpoint, and put back if it fails before that (an error
 in the first epoch, Ctrl-C), as ``wsltool infer --overwrite`` keeps the old store until the new one is complete.
-(A run killed outright, SIGKILL or power loss, leaves the earlier run in that hidden folder.)  The napari Retrain
+Several seeds (``--seeds``) are one run here: all their folders, and their ``ensemble.pt``, are set aside
+together and come back together (:func:`set_aside`).  (A run killed outright, SIGKILL or power loss, leaves the
+earlier run in the hidden folders.)  The napari Retrain
 widget never overwrites: each run goes into the next free folder (``wsltool-retrain``, ``wsltool-retrain-2``,
 ...), so a pathologist's earlier model stays on disk.
 """
@@ -31,8 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Files whose presence means a folder holds a training run.
 RUN_MARKERS = ("last.pt", "best.pt")
-#: Files the training loops write (removed before an overwriting run starts; ``splits.csv`` and ``slides.csv``
-#: are written by the callers before the loop starts and rewritten by them).
+#: Files the training loops write (set aside when an overwriting run starts, see :func:`set_aside`; ``splits.csv``
+#: and ``slides.csv`` are written by the callers before the loop starts, see :func:`provisional_file`).
 RUN_FILES = (*RUN_MARKERS, "history.jsonl", "history.csv", "curves.png")
 
 
@@ -89,9 +91,9 @@ def check_new_run(out_dir: str | Path, *, resume: bool = False, overwrite: bool 
 def run_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
     """Check (:func:`check_new_run`) and create ``out_dir`` for the training loop run inside the block.
 
-    For a new run over an earlier one (``overwrite``), the earlier run's files are moved aside into a hidden
-    folder in ``out_dir``: deleted when the block ends with a checkpoint of the new run in ``out_dir``, put back
-    when it ends (raises, or stops early) before the new run wrote one.
+    For a new run over an earlier one (``overwrite``), the earlier run's files are set aside
+    (:func:`set_aside`): deleted when the block ends with a checkpoint of the new run in ``out_dir``, put
+    back when it ends (an error, Ctrl-C) before the new run wrote one.
 
     Parameters
     ----------
@@ -110,31 +112,61 @@ def run_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = Fals
     check_new_run(out_dir, resume=resume, overwrite=overwrite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    old = [] if resume else [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
-    aside = out / f".wsltool-replaced-{uuid.uuid4().hex[:8]}"
-    if old:
-        log.warning(
-            "%s: replacing an earlier run (%s), kept in %s until this run's first checkpoint",
-            out,
-            ", ".join(old),
-            aside,
-        )
-        aside.mkdir()
-        for n in old:
-            os.replace(out / n, aside / n)
-    try:
+    with contextlib.nullcontext() if resume else set_aside([out]):
         yield out
+
+
+@contextmanager
+def set_aside(folders: Sequence[str | Path], files: Sequence[str | Path] = ()) -> Iterator[None]:
+    """Keep the earlier run(s) in ``folders`` until the new run inside the block has a checkpoint.
+
+    The :data:`RUN_FILES` of each folder, and ``files`` (an ensemble built from them), are moved into a
+    hidden ``.wsltool-replaced-<token>`` folder beside them.  When the block ends, if any of ``folders``
+    holds a checkpoint (:data:`RUN_MARKERS`) the new run wrote, everything set aside is deleted: the new
+    run, even a partial one (``--resume`` continues it), replaces all of the earlier one.  Otherwise each
+    file is put back, so an invocation that trains several seeds is replaced whole or not at all.  A
+    run killed outright (SIGKILL, power loss) leaves the earlier files in the hidden folders.
+
+    Parameters
+    ----------
+    folders
+        Run folders (one per seed).
+    files
+        Other files of the earlier run, set aside and put back with them.
+    """
+    token = uuid.uuid4().hex[:8]
+    wanted = [Path(f) / n for f in folders for n in RUN_FILES] + [Path(f) for f in files]
+    moved: list[tuple[Path, Path]] = []  # (where it was, where it is now)
+    try:
+        for src in wanted:
+            if src.exists() or src.is_symlink():
+                dst = src.parent / f".wsltool-replaced-{token}" / src.name
+                if not moved:
+                    log.warning("replacing an earlier run; its files are kept until this run's first checkpoint")
+                dst.parent.mkdir(exist_ok=True)
+                os.replace(src, dst)
+                moved.append((src, dst))
+                log.info("%s: set aside in %s", src, dst.parent)
+        yield
     finally:
-        if old and existing_run(out):  # the new run has a checkpoint: it replaces the earlier one
-            shutil.rmtree(aside, ignore_errors=True)
-        elif old:  # it failed or stopped before its first checkpoint: the earlier run goes back
-            try:
-                for n in old:
-                    os.replace(aside / n, out / n)
-                aside.rmdir()
-                log.warning("%s: this run ended before its first checkpoint; the earlier run is back in place", out)
-            except OSError as exc:  # never hide the error that brought us here, nor delete what is still aside
-                log.warning("%s: the earlier run could not be put back from %s (%s)", out, aside, exc)
+        asides = sorted({dst.parent for _, dst in moved})
+        if any(existing_run(f) for f in folders):  # the new run has a checkpoint: it replaces the earlier one
+            for d in asides:
+                shutil.rmtree(d, ignore_errors=True)
+        elif moved:  # it ended before its first checkpoint: the earlier run goes back, file by file
+            failed = []
+            for src, dst in moved:
+                try:
+                    os.replace(dst, src)
+                except OSError as exc:  # never hide the error that brought us here, nor delete what is aside
+                    failed.append(f"{dst} ({exc.strerror or exc})")
+            for d in asides:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only once empty: a file that could not go back stays there
+            if failed:
+                log.warning("the earlier run could not be put back whole; still set aside: %s", "; ".join(failed))
+            else:
+                log.warning("this run ended before its first checkpoint; the earlier run is back in place")
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -231,4 +263,5 @@ __all__ = [
     "next_free_dir",
     "provisional_file",
     "run_dir",
+    "set_aside",
 ]
