@@ -343,6 +343,13 @@ def test_open_errors(tmp_path: Path) -> None:
             "1 of 24 chunk files of array 'labels/tissue/0' missing",
         ),
         (lambda p: shutil.rmtree(p / "wsltool" / "region_probs" / "c"), "of array 'wsltool/region_probs' missing"),
+        # a link whose target is gone (git-annex/DVC content dropped) reads as zeros too: not a chunk
+        (lambda p: _dangle(p / "0" / "c" / "0" / "2" / "3"), "1 of 105 chunk files of array '0' missing"),
+        # a stray file beside a lost chunk does not stand in for it
+        (
+            lambda p: ((p / "0" / "c" / "0" / "2" / "3").unlink(), (p / "0" / "c" / "0" / "2" / ".DS_Store").touch()),
+            "1 of 105 chunk files of array '0' missing",
+        ),
     ],
 )
 def test_a_damaged_store_is_refused_at_open_naming_what_is_missing(
@@ -411,6 +418,26 @@ def test_a_store_interrupted_while_being_created_is_named_so(tmp_path: Path) -> 
     with pytest.raises(StoreError, match="interrupted while being created, before any data"):
         HeatmapStore.open(p)
     assert not create(p, shape=(70, 110), chunk=16, resume=True).complete  # and a run starts it over
+
+
+def _dangle(chunk: Path) -> None:
+    chunk.unlink()
+    chunk.symlink_to(chunk.with_name("gone"))
+
+
+def test_chunks_behind_symlinks_count(tmp_path: Path) -> None:
+    """A store whose chunk folders live elsewhere (linked in) is whole: the links are followed."""
+    p = finished(tmp_path / "h.zarr", 0.25, shape=(70, 110), chunk=16).path
+    elsewhere = tmp_path / "bulk" / "c"
+    elsewhere.parent.mkdir()
+    shutil.move(p / "0" / "c", elsewhere)
+    (p / "0" / "c").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "0" / "loop").symlink_to(elsewhere, target_is_directory=True)  # a loop is walked once
+    st = HeatmapStore.open(p)
+    assert st.complete and np.all(st.mplus() == np.float16(0.25))
+    linked = tmp_path / "linked.zarr"
+    linked.symlink_to(p, target_is_directory=True)
+    assert np.all(HeatmapStore.open(linked).mplus() == np.float16(0.25))
 
 
 def _edit_attrs(p: Path, edit: Callable[[dict[str, Any]], object]) -> None:

@@ -571,7 +571,10 @@ class HeatmapStore:
                     return problem
             written = self._meta.get("chunk_files") or {}
             for path, n in sorted(written.items()):
-                found = _chunk_files(self.path / path)
+                try:
+                    found = _chunk_files(self.path / path)
+                except OSError as exc:
+                    return f"chunk files of array {path!r} unreadable ({exc.strerror or exc})"
                 if found < n:
                     return f"{n - found} of {n} chunk files of array {path!r} missing"
         return None
@@ -1238,9 +1241,32 @@ def _level_arrays(group: zarr.Group, where: str) -> tuple[list[zarr.Array], str 
 
 
 def _chunk_files(array_dir: Path) -> int:
-    """Files under an array's directory but its own ``zarr.json``: its chunks (0 when the directory is gone)."""
-    n = sum(len(files) for _, _, files in os.walk(array_dir))
-    return n - int((array_dir / "zarr.json").is_file())
+    """The chunk files of a zarr v3 array: files named by a chunk index under its ``c/`` folder.
+
+    Symlinks are followed (a link whose target is gone is not a chunk); other files (``.DS_Store``, editor or
+    copy leftovers) are not counted.
+
+    Raises
+    ------
+    OSError
+        A folder under ``c/`` cannot be listed.
+    """
+    top = array_dir / "c"
+    if not top.is_dir():
+        return 0
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    n, seen = 0, set()
+    for folder, subfolders, files in os.walk(top, onerror=fail, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a folder reached twice
+            subfolders[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        n += sum(1 for f in files if f.isdigit() and os.path.isfile(os.path.join(folder, f)))
+    return n
 
 
 def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
