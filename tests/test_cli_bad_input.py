@@ -237,7 +237,10 @@ def _slow_image_run(tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
         rows.append(f"im{i}.png,{['benign', 'malignant'][i % 2]}")
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    code = [sys.executable, "-c", "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"]
+    # Ctrl-C as at a terminal: a job started in the background (nohup, `&`, some CI runners) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own
+    main = "import sys; from wsltool.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = [sys.executable, "-c", f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {main}"]
     args = [*code, "train", "--labels", str(tmp_path / "l.csv"), "--out", str(out), "--backbone", "resnet18"]
     args += ["--pretrained", "none", "--crop", "224", "--batch-size", "2", "--epochs", "1", "--no-progress", *extra]
     subprocess.run(args, check=True, capture_output=True)
