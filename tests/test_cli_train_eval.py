@@ -168,6 +168,20 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
     err = capsys.readouterr().err.strip()
     assert f"{out / 'ensemble.pt'}: already exists" in err and len(err.splitlines()) == 1
     assert (out / "ensemble.pt").read_bytes() == before and not (out / "seed_4").exists()
+    # --resume after an invocation interrupted between its seeds (seed 3 done, seed 7 not begun, no ensemble):
+    # seed 3 is left as it is, seed 7 starts from the beginning, and the ensemble is built
+    seed_3 = (out / "seed_3" / "last.pt").read_bytes()
+    for n in ("seed_7/last.pt", "seed_7/best.pt", "seed_7/history.jsonl", "ensemble.pt"):
+        (out / n).unlink()
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "3,7", "--resume", *common]) == 0
+    capsys.readouterr()
+    assert (out / "seed_3" / "last.pt").read_bytes() == seed_3
+    assert [json.loads(line)["epoch"] for line in (out / "seed_7" / "history.jsonl").read_text().splitlines()] == [0]
+    model, meta = load_checkpoint(out / "ensemble.pt")
+    assert [e["train_config"]["seed"] for e in meta["ensemble"]] == [3, 7] and len(model.members) == 2
+    # with no seed begun there is nothing to resume
+    assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "new"), "--seeds", "3,7", "--resume", *common])
+    assert "seed_3/last.pt: nothing to resume" in capsys.readouterr().err
     for bad, words in (
         (["--seeds", "1"], "--seeds expects two or more distinct integers"),
         (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),

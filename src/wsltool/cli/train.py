@@ -206,8 +206,14 @@ def _fit_images(
         from wsltool.train.rundir import set_aside
 
         replacing.enter_context(set_aside(out_dirs, [Path(args.out) / "ensemble.pt"]))
+    # --resume over seeds: a seed that has no checkpoint yet (the invocation was interrupted before it) starts
+    # fresh, once some seed has one; with none anywhere, "nothing to resume" as for a single run
+    any_started = any((o / "last.pt").exists() for o in out_dirs)
     with replacing:
         for cfg_k, out_k in runs:
+            resume_k = args.resume and (not seeds or not any_started or (out_k / "last.pt").exists())
+            if args.resume and not resume_k:
+                log.info("%s: no checkpoint yet; this seed starts from the beginning", out_k)
             res = fit(
                 train,
                 valid,
@@ -215,7 +221,7 @@ def _fit_images(
                 model_cfg,
                 cfg_k,
                 out_k,
-                resume=args.resume,
+                resume=resume_k,
                 overwrite=args.overwrite,
                 device=args.device,
                 progress=not args.no_progress,
