@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import csv as csvmod
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -353,6 +355,37 @@ def test_several_seeds_are_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
         raise KeyboardInterrupt
     # the new run has begun: none of the earlier seeds is kept to be mixed with it (--resume would)
     assert files() == {"seed_0/last.pt": "new seed_0"} and not list(tmp_path.rglob(".wsltool-replaced-*"))
+
+
+@pytest.mark.parametrize("after", [1, 4])  # Ctrl-C after seed_0's last.pt / after all of seed_0's files
+def test_a_run_interrupted_while_being_set_aside_gets_every_moved_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """Ctrl-C between two renames of the move-aside: what was moved comes back, and what was not is not taken
+    for the new run's checkpoint (and deleted with the rest).  The interrupt is injected at the rename: a real
+    Ctrl-C cannot be aimed between two renames."""
+    import wsltool.train.rundir as rundir
+
+    folders = [tmp_path / "seed_0", tmp_path / "seed_1"]
+    for f in folders:
+        f.mkdir()
+        for n in ("last.pt", "best.pt", "history.jsonl"):
+            (f / n).write_text(f"earlier {f.name}/{n}")
+    before = {str(p.relative_to(tmp_path)): p.read_text() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append(src)
+        if len(calls) == after + 1:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), rundir.set_aside(folders):
+        pytest.fail("the block must not run: the new run never began")
+    monkeypatch.setattr(rundir.os, "replace", real)
+    assert {str(p.relative_to(tmp_path)): p.read_text() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert not list(tmp_path.rglob(".wsltool-replaced-*"))
 
 
 def test_a_split_stays_with_the_checkpoint_it_describes(tmp_path: Path) -> None:

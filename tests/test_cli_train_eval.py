@@ -179,6 +179,16 @@ def test_train_seeds_writes_an_ensemble_that_eval_reads_with_tta(
     assert [json.loads(line)["epoch"] for line in (out / "seed_7" / "history.jsonl").read_text().splitlines()] == [0]
     model, meta = load_checkpoint(out / "ensemble.pt")
     assert [e["train_config"]["seed"] for e in meta["ensemble"]] == [3, 7] and len(model.members) == 2
+    # a seed with best.pt but no last.pt can be neither continued nor started over silently: refused up front
+    (out / "seed_7" / "last.pt").unlink()
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["train", "--labels", str(csv), "--out", str(out), "--seeds", "3,7", "--resume", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"wsltool train: error: {out / 'seed_7'}: holds best.pt but no last.pt, so it cannot be resumed; "
+        "--overwrite trains the seeds again"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     # with no seed begun there is nothing to resume
     assert main(["train", "--labels", str(csv), "--out", str(tmp_path / "new"), "--seeds", "3,7", "--resume", *common])
     assert "seed_3/last.pt: nothing to resume" in capsys.readouterr().err

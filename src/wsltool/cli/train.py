@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from wsltool.errors import ConfigError, LabelsError
     from wsltool.train.glas import glas_items
     from wsltool.train.labels import check_train_splits, class_names_of, read_labels
-    from wsltool.train.rundir import check_new_run
+    from wsltool.train.rundir import check_new_run, existing_run
 
     mil_data: dict[str, Any] = {}
     args.mil_data = mil_data
@@ -159,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
     out_dirs = [Path(args.out)] if not seeds else [Path(args.out) / f"seed_{sd}" for sd in seeds]
     for out_k in out_dirs:  # before anything is written (splits.csv)
         check_new_run(out_k, resume=args.resume, overwrite=args.overwrite)
+        if seeds and args.resume and existing_run(out_k) and not (out_k / "last.pt").exists():
+            # a seed run with best.pt but no last.pt can be neither continued nor replaced silently
+            msg = f"{out_k}: holds best.pt but no last.pt, so it cannot be resumed; --overwrite trains the seeds again"
+            raise ConfigError(msg)
     ens = Path(args.out) / "ensemble.pt"
     if seeds and ens.exists() and not (args.resume or args.overwrite):  # an ensemble of other seeds' runs
         msg = f"{ens}: already exists; pass --resume to rebuild it from these seeds, --overwrite, or another --out"
@@ -194,6 +198,7 @@ def _fit_images(
     """Image-level training of one model per seed (one when ``seeds`` is empty), then their ensemble."""
     from wsltool.errors import LabelsError
     from wsltool.train.loop import fit
+    from wsltool.train.rundir import existing_run
 
     train = [it for it in items if not has_split or it.split == "train"]
     valid = [it for it in items if has_split and it.split == "valid"]
@@ -206,12 +211,12 @@ def _fit_images(
         from wsltool.train.rundir import set_aside
 
         replacing.enter_context(set_aside(out_dirs, [Path(args.out) / "ensemble.pt"]))
-    # --resume over seeds: a seed that has no checkpoint yet (the invocation was interrupted before it) starts
-    # fresh, once some seed has one; with none anywhere, "nothing to resume" as for a single run
+    # --resume over seeds: a seed whose folder holds no run yet (the invocation was interrupted before it) starts
+    # fresh, once some seed has a checkpoint; with none anywhere, "nothing to resume" as for a single run
     any_started = any((o / "last.pt").exists() for o in out_dirs)
     with replacing:
         for cfg_k, out_k in runs:
-            resume_k = args.resume and (not seeds or not any_started or (out_k / "last.pt").exists())
+            resume_k = args.resume and (not seeds or not any_started or bool(existing_run(out_k)))
             if args.resume and not resume_k:
                 log.info("%s: no checkpoint yet; this seed starts from the beginning", out_k)
             res = fit(

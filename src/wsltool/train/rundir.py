@@ -137,23 +137,25 @@ def set_aside(folders: Sequence[str | Path], files: Sequence[str | Path] = ()) -
     token = uuid.uuid4().hex[:8]
     wanted = [Path(f) / n for f in folders for n in RUN_FILES] + [Path(f) for f in files]
     moved: list[tuple[Path, Path]] = []  # (where it was, where it is now)
+    began = False  # the new run began (everything was set aside): only then can a checkpoint be its own
     try:
         for src in wanted:
             if src.exists() or src.is_symlink():
                 dst = src.parent / f".wsltool-replaced-{token}" / src.name
-                if not moved:
-                    log.warning("replacing an earlier run; its files are kept until this run's first checkpoint")
                 dst.parent.mkdir(exist_ok=True)
                 os.replace(src, dst)
                 moved.append((src, dst))
-                log.info("%s: set aside in %s", src, dst.parent)
+        if moved:
+            kept = ", ".join(str(d) for d in sorted({dst.parent for _, dst in moved}))
+            log.warning("replacing an earlier run: its files are kept in %s until this run's first checkpoint", kept)
+        began = True
         yield
     finally:
         asides = sorted({dst.parent for _, dst in moved})
-        if any(existing_run(f) for f in folders):  # the new run has a checkpoint: it replaces the earlier one
+        if began and any(existing_run(f) for f in folders):  # the new run has a checkpoint: it replaces the earlier
             for d in asides:
                 shutil.rmtree(d, ignore_errors=True)
-        elif moved:  # it ended before its first checkpoint: the earlier run goes back, file by file
+        elif moved:  # it ended before its first checkpoint (or while setting aside): the earlier run goes back
             failed = []
             for src, dst in moved:
                 try:
@@ -166,7 +168,8 @@ def set_aside(folders: Sequence[str | Path], files: Sequence[str | Path] = ()) -
             if failed:
                 log.warning("the earlier run could not be put back whole; still set aside: %s", "; ".join(failed))
             else:
-                log.warning("this run ended before its first checkpoint; the earlier run is back in place")
+                back = ", ".join(str(f) for f in sorted({src.parent for src, _ in moved}))
+                log.warning("this run ended before its first checkpoint; the earlier run is back in %s", back)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
