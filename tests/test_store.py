@@ -402,6 +402,10 @@ def test_a_damaged_chunk_is_a_one_line_store_error_naming_it(
     )
     with pytest.raises(StoreError, match=r"chunk 1/1 of array 'labels/tissue/0' unreadable \("):
         st.tissue()
+    with pytest.raises(StoreError, match=r"chunk 0/2/3 of array '0' unreadable"):
+        st.channel(-3)  # M+ counted from the end: the same chunk, named by its index
+    with pytest.raises(IndexError, match=r"channel 3 out of range \(the store has 3: M\+, tumour, normal\)"):
+        st.channel(3)  # the caller's mistake, not a damaged store
     # the CLI says it in one line, not with zarr's traceback
     assert main(["export", str(p), "--png", str(tmp_path / "x.png")]) != 0
     err = capsys.readouterr().err.strip()

@@ -693,8 +693,12 @@ class HeatmapStore:
             The store is incomplete.
         """
         self._require_complete()
+        n = len(self.channel_names)
         c = self.channel_names.index(channel) if isinstance(channel, str) else int(channel)
-        return self._read_plane(self.levels[level], (c,))
+        if not -n <= c < n:
+            msg = f"{self.path}: channel {c} out of range (the store has {n}: {', '.join(self.channel_names)})"
+            raise IndexError(msg)
+        return self._read_plane(self.levels[level], (c % n,))
 
     def mask(self, level: int = 0) -> np.ndarray:
         """Return the binary mask label (M+ >= threshold within tissue) as uint8 ``(y, x)``.
@@ -760,6 +764,8 @@ class HeatmapStore:
         """
         try:
             return np.asarray(arr[lead])
+        except (MemoryError, IndexError, TypeError):  # the caller's request, not the data
+            raise
         except Exception as exc:  # codec errors (RuntimeError, ValueError, ...) and I/O errors
             first = exc
         ch, cw = arr.chunks[-2:]
