@@ -198,7 +198,7 @@ def _fit_images(
     """Image-level training of one model per seed (one when ``seeds`` is empty), then their ensemble."""
     from wsltool.errors import LabelsError
     from wsltool.train.loop import fit
-    from wsltool.train.rundir import existing_run
+    from wsltool.train.rundir import existing_run, set_aside
 
     train = [it for it in items if not has_split or it.split == "train"]
     valid = [it for it in items if has_split and it.split == "valid"]
@@ -208,8 +208,6 @@ def _fit_images(
     results = []
     replacing = contextlib.ExitStack()
     if seeds and args.overwrite:  # every seed's earlier run (and their ensemble) comes back, or none does
-        from wsltool.train.rundir import set_aside
-
         replacing.enter_context(set_aside(out_dirs, [Path(args.out) / "ensemble.pt"]))
     # --resume over seeds: a seed whose folder holds no run yet (the invocation was interrupted before it) starts
     # fresh, once some seed has a checkpoint; with none anywhere, "nothing to resume" as for a single run

@@ -10,9 +10,8 @@ are deleted once the new run has written its first checkpoint, and put back if i
 in the first epoch, Ctrl-C), as ``wsltool infer --overwrite`` keeps the old store until the new one is complete.
 Several seeds (``--seeds``) are one run here: all their folders, and their ``ensemble.pt``, are set aside
 together and come back together (:func:`set_aside`).  (A run killed outright, SIGKILL or power loss, leaves the
-earlier run in the hidden folders.)  The napari Retrain
-widget never overwrites: each run goes into the next free folder (``wsltool-retrain``, ``wsltool-retrain-2``,
-...), so a pathologist's earlier model stays on disk.
+earlier run in the hidden folders.)  The napari Retrain widget never overwrites: each run goes into the next
+free folder (``wsltool-retrain``, ``wsltool-retrain-2``, ...), so a pathologist's earlier model stays on disk.
 """
 
 from __future__ import annotations
